@@ -1,0 +1,603 @@
+"""Data stage: MSD Task01 folder -> checked subjects -> patient-level split -> healthy-slice cache.
+
+Real MSD Task01_BrainTumour and the synthetic default share this one loading path
+(``monai.apps.DecathlonDataset`` + MONAI dictionary transforms). The slice cache is built
+once as memory-mapped ``.npy`` arrays so that training never re-reads 3D NIfTI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+from filelock import FileLock
+from monai.apps import DecathlonDataset
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    Resized,
+    Spacingd,
+)
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .atomic import atomic_dir, write_json
+from .errors import InputError
+
+TASK = "Task01_BrainTumour"
+MSD_MODALITIES = ("FLAIR", "T1w", "T1gd", "T2w")
+SECTIONS = ("train", "validation", "test")
+CACHE_SECTIONS = ("train", "validation")
+CACHE_FORMAT = 1
+# keys DecathlonDataset reads from dataset.json, plus the subject list
+DATASET_JSON_KEYS = ("name", "description", "reference", "licence", "tensorImageSize", "modality", "labels",
+                     "numTraining", "numTest", "training")
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that decides what a preprocessed slice looks like (hashed into the cache key).
+
+    ``fov_mm`` is the square in-plane field of view kept around the brain before resizing to
+    ``image_size`` pixels; depth keeps every axial slice at ``pixdim[2]``.
+    """
+
+    modalities: tuple[str, ...] = ("FLAIR",)
+    image_size: int = 64
+    pixdim: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    fov_mm: float = 200.0
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    min_brain_fraction: float = 0.15
+
+    def __post_init__(self):
+        object.__setattr__(self, "modalities", tuple(normalise_modalities(self.modalities)))
+        object.__setattr__(self, "pixdim", tuple(float(p) for p in self.pixdim))
+        object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
+        if int(self.image_size) < 8:
+            raise InputError("image_size", f"must be at least 8 pixels, got {self.image_size}")
+        if len(self.pixdim) != 3 or min(self.pixdim) <= 0:
+            raise InputError("pixdim", f"needs three positive voxel sizes in mm, got {self.pixdim}")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise InputError("percentiles", f"need 0 <= lower < upper <= 100, got {self.percentiles}")
+        if not 0 <= self.min_brain_fraction < 1:
+            raise InputError("min_brain_fraction", f"must be in [0, 1), got {self.min_brain_fraction}")
+
+    @property
+    def channels(self) -> int:
+        return len(self.modalities)
+
+    @property
+    def channel_indices(self) -> list[int]:
+        return [MSD_MODALITIES.index(m) for m in self.modalities]
+
+    @property
+    def crop_voxels(self) -> tuple[int, int]:
+        return (round(self.fov_mm / self.pixdim[0]), round(self.fov_mm / self.pixdim[1]))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def normalise_modalities(modalities: Sequence[str] | str) -> list[str]:
+    """Accept 'FLAIR', 'flair,t2w' or a list; return canonical MSD names in the given order."""
+    if isinstance(modalities, str):
+        modalities = [m for m in modalities.replace(" ", "").split(",") if m]
+    lookup = {m.lower(): m for m in MSD_MODALITIES}
+    out = []
+    for m in modalities:
+        if str(m).lower() not in lookup:
+            raise InputError("modalities", f"unknown modality {m!r}; choose from {', '.join(MSD_MODALITIES)}")
+        out.append(lookup[str(m).lower()])
+    if not out or len(set(out)) != len(out):
+        raise InputError("modalities", f"need one or more distinct modalities, got {list(modalities)}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# dataset folder and subjects
+
+
+def task_paths(dataset_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Return (root_dir, task_dir) whether the user named the root or the Task01 folder itself."""
+    path = Path(dataset_dir).expanduser()
+    if path.name == TASK:
+        return path.parent, path
+    return path, path / TASK
+
+
+def read_dataset_json(task_dir: Path) -> dict:
+    """Load and check the keys of MSD ``dataset.json`` the pipeline relies on."""
+    path = task_dir / "dataset.json"
+    if not path.is_file():
+        raise InputError(path, "dataset.json not found (expected the MSD Task01_BrainTumour layout)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(path, f"malformed JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise InputError(path, "top level must be a JSON object")
+    missing = [key for key in DATASET_JSON_KEYS if key not in meta]
+    if missing:
+        raise InputError(path, f"missing key(s) {', '.join(missing)} (MSD dataset.json needs {', '.join(DATASET_JSON_KEYS)})")
+    training = meta["training"]
+    if not isinstance(training, list) or not training:
+        raise InputError(path, "'training' must be a non-empty list")
+    for entry in training:
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(entry.get("label"), str):
+            raise InputError(path, f"every 'training' entry needs 'image' and 'label' paths, got {entry!r}")
+    if not isinstance(meta["modality"], dict) or len(meta["modality"]) != len(MSD_MODALITIES):
+        raise InputError(path, f"'modality' must list {len(MSD_MODALITIES)} channels, got {meta['modality']!r}")
+    return meta
+
+
+def subject_id(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def load_subjects(dataset_dir: str | os.PathLike, transform=None, download: bool = False) -> DecathlonDataset:
+    """Open the folder with ``monai.apps.DecathlonDataset`` (all subjects, no internal split).
+
+    ``download=True`` fetches real MSD Task01 (about 7 GB) for users with internet access.
+    Each item gets a ``subject`` key (file stem); items are sorted by subject for stable order.
+    """
+    root, task_dir = task_paths(dataset_dir)
+    if not download:
+        if not task_dir.is_dir():
+            raise InputError(task_dir, "dataset folder not found (run `pipeline synth` or pass download=True)")
+        read_dataset_json(task_dir)
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+    try:
+        ds = DecathlonDataset(
+            root_dir=str(root), task=TASK, section="training", transform=transform or (lambda x: x),
+            download=download, val_frac=0.0, cache_rate=0.0, progress=False, seed=0,
+        )
+    except (KeyError, ValueError, json.JSONDecodeError) as err:
+        raise InputError(task_dir / "dataset.json", f"cannot be read by DecathlonDataset ({err})") from None
+    for item in ds.data:
+        item["subject"] = subject_id(item["image"])
+        for key in ("image", "label"):
+            if not Path(item[key]).is_file():
+                raise InputError(item[key], f"listed in dataset.json as {key} but the file does not exist")
+    ds.data.sort(key=lambda item: item["subject"])
+    ids = [item["subject"] for item in ds.data]
+    if len(set(ids)) != len(ids):
+        raise InputError(task_dir / "dataset.json", "subject file names are not unique")
+    return ds
+
+
+def dataset_fingerprint(dataset_dir: str | os.PathLike) -> str:
+    """Hash of the listed files' names and sizes: changes when the data does, cheap to compute."""
+    _, task_dir = task_paths(dataset_dir)
+    meta = read_dataset_json(task_dir)
+    digest = hashlib.sha256()
+    for entry in sorted(meta["training"], key=lambda e: e["image"]):
+        for key in ("image", "label"):
+            path = (task_dir / entry[key]).resolve()
+            size = path.stat().st_size if path.is_file() else -1
+            digest.update(f"{entry[key]}:{size};".encode())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# checks on single files
+
+
+def check_nifti(path: str | os.PathLike, ndim: int, channels: int | None = None) -> None:
+    """Read one NIfTI fully and raise a one-line :class:`InputError` for whatever is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file does not exist")
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises several unrelated types for non-NIfTI input
+        raise InputError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+    if len(img.shape) != ndim:
+        raise InputError(path, f"expected a {ndim}D image, got shape {img.shape}")
+    if channels is not None and img.shape[-1] != channels:
+        raise InputError(path, f"expected {channels} channels (FLAIR, T1w, T1gd, T2w), got {img.shape[-1]}")
+    try:
+        data = np.asarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError) as err:
+        raise InputError(path, f"truncated or corrupt NIfTI data ({err})") from None
+    if not np.isfinite(data).all():
+        raise InputError(path, "contains NaN or Inf voxels")
+
+
+def _filename(tensor) -> str:
+    meta = getattr(tensor, "meta", {}) or {}
+    return str(meta.get("filename_or_obj", "<unknown file>"))
+
+
+class CheckBrainMRId(MapTransform):
+    """Fail fast, naming the file, on inputs that would silently poison training or scores."""
+
+    def __init__(self, image_key: str = "image", label_key: str | None = "label", channels: int = len(MSD_MODALITIES)):
+        super().__init__([k for k in (image_key, label_key) if k])
+        self.image_key, self.label_key, self.channels = image_key, label_key, channels
+
+    def __call__(self, data):
+        d = dict(data)
+        image = d[self.image_key]
+        name = _filename(image)
+        if image.ndim != 4 or image.shape[0] != self.channels:
+            raise InputError(name, f"expected {self.channels} channels (FLAIR, T1w, T1gd, T2w), got image shape {tuple(image.shape)}")
+        if not torch.isfinite(image).all():
+            raise InputError(name, "contains NaN or Inf voxels")
+        if not (image != 0).any():
+            raise InputError(name, "image is all zero (no brain voxels)")
+        if self.label_key and self.label_key in d:
+            label = d[self.label_key]
+            lname = _filename(label)
+            if tuple(label.shape[1:]) != tuple(image.shape[1:]):
+                raise InputError(lname, f"label shape {tuple(label.shape[1:])} does not match image shape {tuple(image.shape[1:])} of {name}")
+            if label.shape[0] != 1:
+                raise InputError(lname, f"label must have one channel, got shape {tuple(label.shape)}")
+            values = torch.unique(label)
+            if not torch.isfinite(values).all() or ((values < 0) | (values > 3) | (values != values.round())).any():
+                raise InputError(lname, f"labels must be integers 0-3, found {values.tolist()[:8]}")
+        return d
+
+
+class SelectChannelsd(MapTransform):
+    """Keep the configured modalities, in order (MSD channel order is FLAIR, T1w, T1gd, T2w)."""
+
+    def __init__(self, keys: KeysCollection, indices: Sequence[int]):
+        super().__init__(keys)
+        self.indices = list(indices)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key][self.indices]
+        return d
+
+
+class BrainAndTumourMasksd(MapTransform):
+    """Add ``brain`` (any channel non-zero) and ``tumour`` (label > 0) masks as float channels.
+
+    They travel through the same spatial transforms as the image, so masks and image stay aligned
+    and slices can be judged healthy on the exact grid that is cached.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str | None = "label"):
+        super().__init__([image_key])
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data):
+        d = dict(data)
+        image = d[self.image_key]
+        d["brain"] = (image != 0).any(dim=0, keepdim=True).to(image.dtype)
+        if self.label_key and self.label_key in d:
+            d["tumour"] = (d[self.label_key] > 0).to(image.dtype)
+        return d
+
+
+class ScaleBrainPercentilesd(MapTransform):
+    """Map each channel's [p_lower, p_upper] over brain voxels to [0, 1]; background stays 0.
+
+    Percentiles over brain voxels only (not the whole box) make scaling independent of how much
+    background the crop holds, which differs between scanners and between real and synthetic data.
+    """
+
+    def __init__(self, keys: KeysCollection, brain_key: str = "brain", lower: float = 1.0, upper: float = 99.0):
+        super().__init__(keys)
+        self.brain_key, self.lower, self.upper = brain_key, lower, upper
+
+    def __call__(self, data):
+        d = dict(data)
+        brain = d[self.brain_key][0] > 0.5
+        for key in self.key_iterator(d):
+            image = d[key]
+            out = torch.zeros_like(image)
+            for c in range(image.shape[0]):
+                values = image[c][brain].float()
+                if values.numel() == 0:
+                    continue
+                lo, hi = torch.quantile(values[:: max(1, values.numel() // 2_000_000)], torch.tensor([self.lower, self.upper]) / 100)
+                scaled = ((image[c] - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(0, 1)
+                out[c] = torch.where(brain, scaled, torch.zeros_like(scaled))
+            d[key] = out
+        return d
+
+
+class BinariseMasksd(MapTransform):
+    """After interpolation: brain if at least half covered; tumour if touched at all (conservative)."""
+
+    def __call__(self, data):
+        d = dict(data)
+        if "brain" in d:
+            d["brain"] = (d["brain"] > 0.5).to(torch.uint8)
+        if "tumour" in d:
+            d["tumour"] = (d["tumour"] > 0).to(torch.uint8)
+        return d
+
+
+def _is_brain(x):
+    return x > 0.5
+
+
+def preprocess_transforms(cfg: PreprocessConfig, with_label: bool = True) -> Compose:
+    """MONAI dictionary transforms from the raw 4D NIfTI to (C, H, W, D) slices-ready volumes.
+
+    Every spatial step is invertible, so score maps can be put back into the input's space.
+    """
+    keys = ["image", "label"] if with_label else ["image"]
+    spatial = keys + ["brain"] + (["tumour"] if with_label else [])
+    modes = {"image": "bilinear", "label": "nearest", "brain": "bilinear", "tumour": "bilinear"}
+    resize_modes = {"image": "bilinear", "label": "nearest", "brain": "bilinear", "tumour": "area"}
+    size = int(cfg.image_size)
+    return Compose([
+        LoadImaged(keys, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys),
+        CheckBrainMRId("image", "label" if with_label else None),
+        BrainAndTumourMasksd("image", "label" if with_label else None),
+        SelectChannelsd("image", cfg.channel_indices),
+        Orientationd(spatial, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(spatial, pixdim=cfg.pixdim, mode=[modes[k] for k in spatial]),
+        CropForegroundd(spatial, source_key="brain", select_fn=_is_brain, allow_smaller=True),
+        ResizeWithPadOrCropd(spatial, spatial_size=(*cfg.crop_voxels, -1)),
+        ScaleBrainPercentilesd("image", "brain", *cfg.percentiles),
+        Resized(spatial, spatial_size=(size, size, -1), mode=[resize_modes[k] for k in spatial],
+                anti_aliasing=[k == "image" for k in spatial]),
+        BinariseMasksd(spatial),
+        EnsureTyped(spatial, track_meta=True),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------
+# patient-level split
+
+
+def make_split(subjects: Sequence[str], fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict:
+    """Seeded patient-level split: each subject lands in exactly one of train/validation/test."""
+    subjects = sorted(subjects)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise InputError("split fractions", f"need three non-negative fractions summing to 1, got {list(fractions)}")
+    if len(subjects) < 3:
+        raise InputError("dataset", f"need at least 3 subjects for a train/validation/test split, got {len(subjects)}")
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    n_val = max(1, round(fractions[1] * len(subjects)))
+    n_test = max(1, round(fractions[2] * len(subjects)))
+    n_train = len(subjects) - n_val - n_test
+    if n_train < 1:
+        raise InputError("split fractions", f"leave no training subject out of {len(subjects)}")
+    picked = [subjects[i] for i in order]
+    return {
+        "seed": int(seed),
+        "fractions": [float(f) for f in fractions],
+        "train": sorted(picked[:n_train]),
+        "validation": sorted(picked[n_train:n_train + n_val]),
+        "test": sorted(picked[n_train + n_val:]),
+    }
+
+
+def check_split(split: dict, subjects: Sequence[str], source: str | os.PathLike) -> dict:
+    """A split must name known subjects only, each once."""
+    seen: dict[str, str] = {}
+    for section in SECTIONS:
+        names = split.get(section)
+        if not isinstance(names, list):
+            raise InputError(source, f"split needs a list {section!r}")
+        for name in names:
+            if name in seen:
+                raise InputError(source, f"subject {name} is in both {seen[name]!r} and {section!r}")
+            seen[name] = section
+    unknown = sorted(set(seen) - set(subjects))
+    if unknown:
+        raise InputError(source, f"split names subjects not in the dataset: {', '.join(unknown[:5])}")
+    return split
+
+
+def load_or_make_split(path: str | os.PathLike, subjects: Sequence[str], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict:
+    """Reuse the split file if present (so every stage sees the same patients); else write it."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            split = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(path, f"malformed split JSON ({err})") from None
+        return check_split(split, subjects, path)
+    split = make_split(subjects, fractions, seed)
+    write_json(path, split)
+    return split
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocessing + healthy-slice cache
+
+
+class _Preprocessed(Dataset):
+    """Runs the transforms on one subject; returns an error line instead of raising.
+
+    Errors travel back as values so that DataLoader workers do not wrap them in tracebacks and
+    the user sees one line naming the file.
+    """
+
+    def __init__(self, items: list[dict], transform, min_brain_fraction: float):
+        self.items, self.transform, self.min_brain_fraction = items, transform, min_brain_fraction
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            out = self.transform(dict(item))
+        except Exception as err:  # noqa: BLE001 - converted to InputError below
+            return {"subject": item["subject"], "error": _blame(item, err)}
+        healthy = healthy_slice_indices(out["brain"], out["tumour"], self.min_brain_fraction)
+        image = out["image"].as_tensor() if hasattr(out["image"], "as_tensor") else out["image"]
+        slices = image[..., healthy].permute(3, 0, 1, 2).contiguous().numpy().astype(np.float32)
+        return {"subject": item["subject"], "slices": slices, "z": np.asarray(healthy, dtype=np.int32),
+                "depth": int(image.shape[-1])}
+
+
+def _first_input_error(err: BaseException) -> InputError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _blame(item: dict, err: Exception) -> str:
+    """Turn any failure on one subject into 'file: problem', re-reading files only on this path."""
+    found = _first_input_error(err)
+    if found is None:
+        try:
+            check_nifti(item["image"], ndim=4, channels=len(MSD_MODALITIES))
+            check_nifti(item["label"], ndim=3)
+        except InputError as bad:
+            found = bad
+    if found is None:
+        root = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        found = InputError(item["image"], f"preprocessing failed ({type(root).__name__}: {root})")
+    return str(found)
+
+
+def healthy_slice_indices(brain: torch.Tensor, tumour: torch.Tensor, min_brain_fraction: float) -> list[int]:
+    """Axial slices with no tumour voxel and at least ``min_brain_fraction`` of the slice in brain."""
+    brain_fraction = brain[0].float().mean(dim=(0, 1))
+    has_tumour = tumour[0].flatten(0, 1).any(dim=0)
+    keep = (brain_fraction >= min_brain_fraction) & ~has_tumour
+    return torch.nonzero(keep).flatten().tolist()
+
+
+def _identity_collate(batch):
+    return batch[0]
+
+
+def cache_key(cfg: PreprocessConfig, split: dict, fingerprint: str) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, "preprocess": cfg.to_dict(), "fingerprint": fingerprint,
+                       "train": split["train"], "validation": split["validation"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_slice_cache(
+    dataset_dir: str | os.PathLike,
+    cache_root: str | os.PathLike,
+    split: dict,
+    cfg: PreprocessConfig = PreprocessConfig(),
+    workers: int = 2,
+    progress: bool = True,
+) -> Path:
+    """Preprocess train + validation subjects once; keep their healthy slices as .npy arrays.
+
+    Returns the cache folder. A folder for the same data, split and settings is reused as is;
+    the folder appears only once complete, so an interrupted build leaves nothing behind.
+    """
+    ds = load_subjects(dataset_dir)
+    key = cache_key(cfg, split, dataset_fingerprint(dataset_dir))
+    out = Path(cache_root) / key
+    if (out / "cache.json").is_file():
+        return out
+    by_subject = {item["subject"]: item for item in ds.data}
+    transform = preprocess_transforms(cfg, with_label=True)
+    with atomic_dir(out) as tmp:
+        summary = {"format": CACHE_FORMAT, "preprocess": cfg.to_dict(), "key": key, "sections": {}}
+        for section in CACHE_SECTIONS:
+            items = [by_subject[s] for s in split[section]]
+            summary["sections"][section] = _cache_section(tmp, section, items, transform, cfg, workers, progress)
+        if summary["sections"]["train"]["slices"] == 0:
+            raise InputError("split", f"no healthy slices in the {len(split['train'])} training subjects "
+                                      f"(min_brain_fraction={cfg.min_brain_fraction}); nothing to train on")
+        write_json(tmp / "cache.json", summary)
+    return out
+
+
+def _cache_section(folder: Path, section: str, items: list[dict], transform, cfg: PreprocessConfig,
+                   workers: int, progress: bool) -> dict:
+    loader = DataLoader(_Preprocessed(items, transform, cfg.min_brain_fraction), batch_size=1,
+                        num_workers=min(workers, len(items)) if workers > 1 else 0,
+                        collate_fn=_identity_collate)
+    chunks, index = [], []
+    for result in tqdm(loader, desc=f"preprocess {section}", unit="subject", disable=not progress):
+        if "error" in result:
+            raise InputError(None, result["error"])
+        chunks.append(result["slices"])
+        index.extend({"subject": result["subject"], "z": int(z), "depth": result["depth"]} for z in result["z"])
+    size = int(cfg.image_size)
+    slices = np.concatenate(chunks) if chunks else np.zeros((0, cfg.channels, size, size), np.float32)
+    np.save(folder / f"{section}_images.npy", slices)
+    write_json(folder / f"{section}_index.json", index)
+    return {"subjects": len(items), "slices": int(len(slices))}
+
+
+class SliceDataset(Dataset):
+    """Healthy 2D slices from the cache, memory-mapped: ``{"image": (C, H, W) float32}``."""
+
+    def __init__(self, cache_dir: str | os.PathLike, section: str = "train"):
+        path = Path(cache_dir) / f"{section}_images.npy"
+        if not path.is_file():
+            raise InputError(path, "slice cache not found; build it with `pipeline prepare`")
+        self.images = np.load(path, mmap_mode="r")
+        self.index = json.loads((Path(cache_dir) / f"{section}_index.json").read_text())
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": torch.from_numpy(np.array(self.images[i]))}
+
+
+@dataclass
+class PreparedData:
+    """What ``prepare_data`` hands to training: the split and the cache folder."""
+
+    split: dict
+    cache_dir: Path
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+def prepare_data(
+    dataset_dir: str | os.PathLike,
+    split_file: str | os.PathLike,
+    cache_root: str | os.PathLike,
+    preprocess: PreprocessConfig = PreprocessConfig(),
+    split_seed: int = 0,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    workers: int = 2,
+    progress: bool = True,
+) -> PreparedData:
+    """Split (reused if the file exists) and build (or reuse) the healthy-slice cache.
+
+    A file lock makes concurrent callers (the ranks of a multi-process run, parallel benchmark
+    entries) build once and share the result.
+    """
+    subjects = [item["subject"] for item in load_subjects(dataset_dir).data]
+    Path(cache_root).mkdir(parents=True, exist_ok=True)
+    with FileLock(str(Path(cache_root) / ".prepare.lock")):
+        split = load_or_make_split(split_file, subjects, fractions, split_seed)
+        cache_dir = build_slice_cache(dataset_dir, cache_root, split, preprocess, workers, progress)
+    return PreparedData(split=split, cache_dir=cache_dir, preprocess=preprocess)

@@ -1,0 +1,275 @@
+"""Train stage: DiffusionModelUNet on healthy slices, driven by ``monai.engines.SupervisedTrainer``.
+
+This module holds the pieces the bundle's ``train`` config wires together: the network and
+scheduler factories (which validate their settings), a prepare-batch that draws Gaussian or
+simplex noise, an EMA of the weights, atomic checkpoints with resume, and the loaders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
+from monai.engines import DiffusionPrepareBatch
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .data import SliceDataset
+from .errors import InputError
+from .noise import NoiseGenerator
+
+SCHEDULES = {"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "cosine": "cosine"}
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+CHECKPOINT_PREFIX = "checkpoint"
+
+
+# ----------------------------------------------------------------------------------------------
+# network and scheduler
+
+
+def diffusion_unet(
+    image_size: int,
+    in_channels: int = 1,
+    channels: Sequence[int] = (32, 64, 64),
+    attention_levels: Sequence[bool] = (False, False, True),
+    num_res_blocks: int = 1,
+    num_head_channels: int = 32,
+    norm_num_groups: int = 32,
+) -> DiffusionModelUNet:
+    """2D DiffusionModelUNet, refusing image sizes its down/up-sampling path cannot take."""
+    factor = 2 ** (len(channels) - 1)
+    if int(image_size) % factor:
+        raise InputError("image_size", f"{image_size} is not divisible by {factor}, which a UNet with "
+                                       f"{len(channels)} levels needs; use e.g. {int(image_size) // factor * factor or factor}")
+    if len(attention_levels) != len(channels):
+        raise InputError("attention_levels", f"needs one entry per level ({len(channels)}), got {list(attention_levels)}")
+    bad = [c for c in channels if c % norm_num_groups]
+    if bad:
+        raise InputError("channels", f"{bad} not divisible by norm_num_groups={norm_num_groups}")
+    return DiffusionModelUNet(
+        spatial_dims=2, in_channels=in_channels, out_channels=in_channels, channels=tuple(channels),
+        attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
+        num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
+    )
+
+
+def make_scheduler(schedule: str = "linear", num_train_timesteps: int = 1000,
+                   prediction_type: str = "epsilon") -> DDPMScheduler:
+    """DDPMScheduler with a named beta schedule and prediction target, validated up front."""
+    if schedule not in SCHEDULES:
+        raise InputError("schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise InputError("prediction_type", f"unknown prediction type {prediction_type!r}; "
+                                            f"choose one of {', '.join(PREDICTION_TYPES)}")
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=SCHEDULES[schedule],
+                         prediction_type=prediction_type)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+
+class NoisePrepareBatch(DiffusionPrepareBatch):
+    """Draws epsilon from the run's NoiseGenerator and timesteps from its own seeded generator.
+
+    The target follows the scheduler's prediction type (epsilon, x0 or v). Its state is
+    checkpointed so a resumed run continues the same noise stream.
+    """
+
+    def __init__(self, scheduler: DDPMScheduler, noise: NoiseGenerator, seed: int = 0):
+        super().__init__(num_train_timesteps=scheduler.num_train_timesteps)
+        self.scheduler, self.noise, self.seed = scheduler, noise, seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def get_noise(self, images: torch.Tensor) -> torch.Tensor:
+        return self.noise(tuple(images.shape), device=images.device, dtype=images.dtype)
+
+    def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
+        steps = torch.randint(0, self.num_train_timesteps, (images.shape[0],), generator=self.generator)
+        return steps.to(images.device)
+
+    def get_target(self, images, noise, timesteps):
+        kind = self.scheduler.prediction_type
+        if kind == "sample":
+            return images
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)
+        return noise
+
+    def reset(self) -> None:
+        """Restart both streams (validation uses this so every epoch sees the same noise)."""
+        self.generator.manual_seed(self.seed)
+        self.noise.reset()
+
+    def state_dict(self) -> dict:
+        return {"timesteps": self.generator.get_state(), "noise": self.noise.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["timesteps"])
+        self.noise.load_state_dict(state["noise"])
+
+
+def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_size: int = 32,
+                 shuffle: bool = True, num_workers: int = 0, distributed: bool = False,
+                 seed: int = 0) -> DataLoader:
+    """Loader over cached healthy slices; a DistributedSampler shards them across ranks."""
+    dataset = SliceDataset(cache_dir, section)
+    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# handlers
+
+
+def ema_model(network: torch.nn.Module, decay: float = 0.999) -> AveragedModel:
+    """Exponential moving average of the weights (what inference uses)."""
+    if not 0 < decay < 1:
+        raise InputError("ema_decay", f"must be in (0, 1), got {decay}")
+    module = network.module if hasattr(network, "module") else network
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class EMAUpdater:
+    """Ignite handler: update the EMA weights after every optimiser step."""
+
+    def __init__(self, ema: AveragedModel, network: torch.nn.Module):
+        self.ema, self.network = ema, network
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.ema.update_parameters(self.network.module if hasattr(self.network, "module") else self.network)
+
+
+class TrainProgress:
+    """tqdm bar per epoch showing the running loss (the progress bar users look at)."""
+
+    def __init__(self, disable: bool = False):
+        self.disable = disable
+
+    def attach(self, engine: Engine) -> None:
+        if not self.disable:
+            ProgressBar(persist=True).attach(engine, output_transform=lambda out: {"loss": _loss_of(out)})
+
+
+def _loss_of(output) -> float:
+    item = output[0] if isinstance(output, list) else output
+    return float(item["loss"].detach())
+
+
+def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoints in ``ckpt_dir``, oldest first (by iteration number in the file name)."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob(f"{CHECKPOINT_PREFIX}_*.pt"):
+        match = re.search(r"_(\d+)\.pt$", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """``torch.load(weights_only=True)`` with a one-line error for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle/zip/unpickler errors all mean "corrupt"
+        raise InputError(path, f"corrupt or unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def load_state(module, state: dict, source: str | os.PathLike) -> None:
+    """Load a state dict, explaining an architecture mismatch in one line."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        missing = [ln.strip() for ln in str(err).splitlines() if ln.strip()][:2]
+        raise InputError(source, f"checkpoint does not match this {type(module).__name__} "
+                                 f"(different architecture or settings): {' '.join(missing)[:300]}") from None
+
+
+class AtomicCheckpoint:
+    """Saves ``objects`` (plus the engine) every ``every_n_epochs`` and at the end; resumes too.
+
+    Files are written through ignite's ``DiskSaver(atomic=True)`` (temp file + rename) and the
+    previous checkpoint is kept until the new one is complete, so a kill at any moment leaves a
+    loadable checkpoint. On STARTED, the newest checkpoint in ``ckpt_dir`` (if any) is loaded.
+    DDP-wrapped modules are saved unwrapped (ignite does this), so any run can resume any other.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, objects: dict, every_n_epochs: int = 1,
+                 n_saved: int = 2, resume: bool = True):
+        self.ckpt_dir, self.objects = Path(ckpt_dir), objects
+        self.every_n_epochs, self.n_saved, self.resume = every_n_epochs, n_saved, resume
+
+    def attach(self, engine: Engine) -> None:
+        self.objects = {**self.objects, "trainer": engine}  # the engine is known only here
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load_latest)
+        # every rank attaches (ignite's collectives need all of them); only rank 0 writes
+        saver = Checkpoint(
+            self.objects, DiskSaver(str(self.ckpt_dir), require_empty=False, atomic=True, save_on_rank=0),
+            filename_prefix=CHECKPOINT_PREFIX, n_saved=self.n_saved,
+            global_step_transform=lambda eng, _: eng.state.iteration,
+            filename_pattern="{filename_prefix}_{global_step}.{ext}",
+        )
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs) | Events.COMPLETED, saver)
+
+    def load_latest(self, engine: Engine) -> None:
+        files = checkpoint_files(self.ckpt_dir)
+        if not files:
+            return
+        state = load_checkpoint(files[-1])
+        missing = sorted(set(self.objects) - set(state))
+        if missing:
+            raise InputError(files[-1], f"checkpoint lacks {', '.join(missing)}; was it written by this bundle?")
+        for name, obj in self.objects.items():
+            if isinstance(obj, torch.nn.Module):
+                load_state(getattr(obj, "module", obj) if isinstance(obj, DistributedDataParallel) else obj,
+                           state[name], files[-1])
+            else:
+                obj.load_state_dict(state[name])
+        engine.logger.info(f"resumed from {files[-1]} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+
+def save_model(path: str | os.PathLike, module: torch.nn.Module) -> None:
+    """Write the (EMA) network weights atomically: the file inference loads."""
+    from .atomic import atomic_path
+
+    module = module.module if hasattr(module, "module") else module
+    with atomic_path(path) as tmp:
+        torch.save(module.state_dict(), tmp)
+
+
+class SaveFinalModel:
+    """Ignite handler: write ``model.pt`` (EMA weights) when training completes."""
+
+    def __init__(self, path: str | os.PathLike, module: torch.nn.Module):
+        self.path, self.module = path, module
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, lambda _: save_model(self.path, self.module))
+
+
+class ResetOnStart:
+    """Ignite handler: reset a prepare-batch at every evaluator run (stable validation noise)."""
+
+    def __init__(self, prepare_batch: NoisePrepareBatch):
+        self.prepare_batch = prepare_batch
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.prepare_batch.reset())

@@ -1,0 +1,26 @@
+"""Shared fixtures: one small synthetic dataset per test session (4 mm, a few subjects)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.synth import generate_dataset
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """Read-only synthetic dataset root (holds Task01_BrainTumour). Copy it before changing it."""
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(root, n_healthy=3, n_tumour=5, seed=7, spacing=4.0, workers=2, progress=False)
+    return root
+
+
+@pytest.fixture
+def dataset_copy(synth_root, tmp_path) -> Path:
+    """A private copy of the synthetic dataset that a test may corrupt."""
+    dst = tmp_path / "data"
+    shutil.copytree(synth_root, dst)
+    return dst

@@ -1,0 +1,158 @@
+"""Train stage through the bundle: tiny runs at 32x32 on the session's synthetic data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from pipeline.bundle import config_files, make_workflow, run_bundle
+from pipeline.errors import InputError
+from pipeline.noise import make_noise
+from pipeline.train import diffusion_unet, load_checkpoint, make_scheduler
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(dataset: Path, out: Path, shared: Path, **extra) -> dict:
+    """Overrides for a few-second run: 32x32, 4 mm, small UNet, shared split + cache."""
+    settings = dict(dataset_dir=str(dataset), output_dir=str(out), ckpt_dir=str(out / "models"),
+                    split_file=str(shared / "split.json"), cache_dir=str(shared / "cache"),
+                    image_size=32, pixdim=[4.0, 4.0, 4.0], unet_channels=[32, 32, 32], batch_size=16,
+                    epochs=1, progress=False, num_workers=1)
+    settings.update(extra)
+    return settings
+
+
+def as_cli(settings: dict) -> list[str]:
+    args = []
+    for key, value in settings.items():
+        args += [f"--{key}", str(value).replace(" ", "")]
+    return args
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared")
+
+
+def test_tiny_training_runs_and_loss_falls(synth_root, shared, tmp_path):
+    flow = make_workflow("train", **tiny(synth_root, tmp_path, shared, epochs=3, noise="simplex"))
+    trainer = flow.parser.get_parsed_content("train#trainer")
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+    flow.run()
+    flow.finalize()
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert len(list((tmp_path / "models").glob("checkpoint_*.pt"))) >= 1
+    third = max(1, len(losses) // 3)
+    assert sum(losses[-third:]) / third < sum(losses[:third]) / third
+    # EMA weights load into a fresh network with weights_only=True
+    net = diffusion_unet(32, 1, (32, 32, 32))
+    net.load_state_dict(load_checkpoint(tmp_path / "models" / "model.pt"))
+    assert (tmp_path / "tensorboard").is_dir()
+
+
+def _weights(path: Path) -> dict:
+    return load_checkpoint(path)
+
+
+def test_same_seed_gives_identical_weights(synth_root, shared, tmp_path):
+    for name in ("a", "b"):
+        run_bundle("train", **tiny(synth_root, tmp_path / name, shared, seed=5))
+    a, b = _weights(tmp_path / "a/models/model.pt"), _weights(tmp_path / "b/models/model.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run_bundle("train", **tiny(synth_root, tmp_path / "c", shared, seed=6))
+    c = _weights(tmp_path / "c/models/model.pt")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _bundle_cmd(settings: dict, workflow: str = "train") -> list[str]:
+    files = "[" + ",".join(f"'{f}'" for f in config_files(workflow)) + "]"
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *as_cli(settings)]
+
+
+def test_resume_after_sigkill(synth_root, shared, tmp_path):
+    settings = tiny(synth_root, tmp_path, shared, epochs=6)
+    ckpt = tmp_path / "models"
+    proc = subprocess.Popen(_bundle_cmd(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.time() + 240
+    while not list(ckpt.glob("checkpoint_*.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # kill somewhere inside the next epoch (possibly mid-save)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(ckpt.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    assert saved, "no checkpoint was written before the kill"
+    state = load_checkpoint(saved[-1])  # the last complete checkpoint loads
+    done_epochs = state["trainer"]["iteration"] // state["trainer"]["epoch_length"]
+    assert 1 <= done_epochs < 6
+    result = subprocess.run(_bundle_cmd(settings), capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {saved[-1]}" in result.stdout + result.stderr
+    final = load_checkpoint(sorted(ckpt.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))[-1])
+    assert final["trainer"]["iteration"] == 6 * final["trainer"]["epoch_length"]
+    assert (ckpt / "model.pt").is_file()
+
+
+def test_two_process_gloo_training(synth_root, shared, tmp_path):
+    settings = tiny(synth_root, tmp_path, shared, epochs=1)
+    files = "[" + ",".join(f"'{f}'" for f in config_files("multi_gpu_train")) + "]"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "monai.bundle", "run", "--config_file", files, *as_cli(settings)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    state = load_checkpoint(next((tmp_path / "models").glob("checkpoint_*.pt")))
+    assert not any(k.startswith("module.") for k in state["network"])  # saved unwrapped
+
+
+def test_checkpoint_from_other_architecture_is_refused(synth_root, shared, tmp_path):
+    run_bundle("train", **tiny(synth_root, tmp_path, shared))
+    with pytest.raises(Exception) as info:
+        run_bundle("train", **tiny(synth_root, tmp_path, shared, epochs=2, unet_channels=[32, 64, 64]))
+    assert "does not match" in _chain_text(info.value)
+
+
+def _chain_text(err: BaseException) -> str:
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return " | ".join(parts)
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(InputError, match="corrupt"):
+        load_checkpoint(bad)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(InputError, match="unknown noise type"):
+        make_noise("perlin")
+    with pytest.raises(InputError, match="unknown schedule"):
+        make_scheduler("quadratic")
+    with pytest.raises(InputError, match="prediction type"):
+        make_scheduler("linear", prediction_type="score")
+    with pytest.raises(InputError, match="not divisible"):
+        diffusion_unet(30, 1, (32, 64, 64))
+
+
+@pytest.mark.parametrize("schedule,prediction", [("cosine", "v_prediction"), ("scaled_linear", "sample")])
+def test_schedules_and_prediction_types_train(synth_root, shared, tmp_path, schedule, prediction):
+    flow = run_bundle("train", **tiny(synth_root, tmp_path, shared, schedule=schedule, prediction_type=prediction))
+    assert flow.parser.get_parsed_content("scheduler").prediction_type == prediction
+    assert (tmp_path / "models" / "model.pt").is_file()
