@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 BUNDLE_NAME = "brats_diffusion_anomaly"
@@ -27,10 +28,12 @@ def make_workflow(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: 
 
     bundle_dir = Path(bundle_dir)
     overrides.setdefault("bundle_root", str(bundle_dir))
-    return create_workflow(config_file=config_files(workflow, bundle_dir),
-                           meta_file=str(bundle_dir / "configs" / "metadata.json"),
-                           logging_file=str(bundle_dir / "configs" / "logging.conf"),
-                           tracking=tracking, **overrides)
+    with warnings.catch_warnings():  # MONAI warns that configs run code: these are the project's own
+        warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
+        return create_workflow(config_file=config_files(workflow, bundle_dir),
+                               meta_file=str(bundle_dir / "configs" / "metadata.json"),
+                               logging_file=str(bundle_dir / "configs" / "logging.conf"),
+                               tracking=tracking, **overrides)
 
 
 def run_bundle(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: str | None = None, **overrides):

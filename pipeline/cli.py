@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import InputError
+from .errors import InputError, find_input_error
 
 
 def _cmd_synth(args) -> None:
@@ -29,6 +29,46 @@ def _cmd_prepare(args) -> None:
                             workers=args.workers, progress=not args.quiet)
     counts = {s: len(prepared.split[s]) for s in ("train", "validation", "test")}
     print(f"split {args.split_file}: {counts}; healthy-slice cache {prepared.cache_dir}")
+
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """``--key value`` pairs (values read as YAML: numbers, lists, booleans) -> config overrides."""
+    import yaml
+
+    if len(tokens) % 2 or not all(t.startswith("--") for t in tokens[::2]):
+        raise InputError("command line", f"bundle settings must come as '--key value' pairs, got {' '.join(tokens)}")
+    return {key[2:]: yaml.safe_load(value) for key, value in zip(tokens[::2], tokens[1::2])}
+
+
+def _cmd_bundle(workflow: str):
+    """A subcommand that runs one bundle workflow, forwarding ``--key value`` settings to it."""
+
+    def run(args) -> None:
+        overrides = parse_overrides(args.settings)
+        if getattr(args, "nproc", 1) > 1:
+            _run_torchrun("multi_gpu_train", args.nproc, overrides)
+            return
+        from .bundle import run_bundle
+
+        run_bundle(workflow, tracking=args.tracking, **overrides)
+
+    return run
+
+
+def _run_torchrun(workflow: str, nproc: int, overrides: dict) -> None:
+    import json
+    import subprocess
+
+    from .bundle import config_files
+
+    files = "[" + ",".join(repr(f) for f in config_files(workflow)) + "]"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "monai.bundle", "run",
+           "--config_file", files]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    code = subprocess.call(cmd)
+    if code:
+        raise SystemExit(code)
 
 
 def _positive_int(text: str) -> int:
@@ -64,15 +104,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train the diffusion model (the bundle's train config)",
+                       epilog="Any bundle setting can follow as --key value, e.g. --noise simplex --epochs 30 "
+                              "--dataset_dir data/msd --image_size 128 --modalities [FLAIR,T2w].")
+    p.add_argument("--nproc", type=int, default=1, help="processes for DistributedDataParallel (torchrun; gloo on CPU)")
+    p.add_argument("--tracking", choices=["mlflow"], default=None, help="log the run to MLflow")
+    p.set_defaults(func=_cmd_bundle("train"), bundle=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "bundle", False):
+        args.settings = extra
+    elif extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
     try:
         args.func(args)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - bad input -> one line; anything else re-raised
+        found = find_input_error(err)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

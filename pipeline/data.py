@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, write_json
-from .errors import InputError
+from .errors import InputError, find_input_error
 
 TASK = "Task01_BrainTumour"
 MSD_MODALITIES = ("FLAIR", "T1w", "T1gd", "T2w")
@@ -459,19 +459,9 @@ class _Preprocessed(Dataset):
                 "depth": int(image.shape[-1])}
 
 
-def _first_input_error(err: BaseException) -> InputError | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, InputError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
-
-
 def _blame(item: dict, err: Exception) -> str:
     """Turn any failure on one subject into 'file: problem', re-reading files only on this path."""
-    found = _first_input_error(err)
+    found = find_input_error(err)
     if found is None:
         try:
             check_nifti(item["image"], ndim=4, channels=len(MSD_MODALITIES))

@@ -15,3 +15,14 @@ class InputError(Exception):
         self.source = None if source is None else str(source)
         self.problem = problem
         super().__init__(f"{self.source}: {problem}" if self.source else problem)
+
+
+def find_input_error(err: BaseException | None) -> InputError | None:
+    """The InputError behind an exception, however deep MONAI's transforms or configs wrapped it."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

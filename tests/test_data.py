@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from pipeline.data import (
     PreprocessConfig,
@@ -52,7 +53,7 @@ def test_cache_holds_only_healthy_slices_of_training_subjects(prepared, synth_ro
     assert len(ds) > 0
     assert {row["subject"] for row in ds.index} <= set(prepared.split["train"])
     item = ds[0]["image"]
-    assert item.shape == (1, 32, 32) and item.dtype.name == "float32"
+    assert item.shape == (1, 32, 32) and item.dtype == torch.float32
     assert 0.0 <= float(item.min()) and float(item.max()) <= 1.0
     # re-run the same transforms and check every cached slice against the label on that grid
     by_subject = {it["subject"]: it for it in load_subjects(synth_root).data}

@@ -1,0 +1,37 @@
+"""Helpers shared by the benchmark scripts (timing, a scratch synthetic dataset)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+@contextmanager
+def timer(out: dict, key: str):
+    """Add the wall time of the block to ``out[key]`` (seconds)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out[key] = out.get(key, 0.0) + time.perf_counter() - start
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, {gpu}"
+
+
+def scratch_dataset(root: Path, n_healthy: int, n_tumour: int, spacing: float, seed: int = 0) -> Path:
+    from pipeline.synth import generate_dataset
+
+    if not (root / "Task01_BrainTumour" / "dataset.json").is_file():
+        generate_dataset(root, n_healthy=n_healthy, n_tumour=n_tumour, seed=seed, spacing=spacing, progress=False)
+    return root
