@@ -165,7 +165,8 @@ class TrainProgress:
 
 def _loss_of(output) -> float:
     item = output[0] if isinstance(output, list) else output
-    return float(item["loss"].detach())
+    loss = item["loss"]
+    return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
 
 
 def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[Path]:

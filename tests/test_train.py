@@ -47,7 +47,7 @@ def test_tiny_training_runs_and_loss_falls(synth_root, shared, tmp_path):
     flow = make_workflow("train", **tiny(synth_root, tmp_path, shared, epochs=3, noise="simplex"))
     trainer = flow.parser.get_parsed_content("train#trainer")
     losses = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
     flow.run()
     flow.finalize()
     assert (tmp_path / "models" / "model.pt").is_file()
@@ -156,3 +156,19 @@ def test_schedules_and_prediction_types_train(synth_root, shared, tmp_path, sche
     flow = run_bundle("train", **tiny(synth_root, tmp_path, shared, schedule=schedule, prediction_type=prediction))
     assert flow.parser.get_parsed_content("scheduler").prediction_type == prediction
     assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_mlflow_tracking(synth_root, shared, tmp_path):
+    run_bundle("train", tracking="mlflow", **tiny(synth_root, tmp_path, shared))
+    assert (tmp_path / "mlruns.db").is_file()
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_cli_train_reports_bad_setting_in_one_line(synth_root, shared, tmp_path):
+    settings = tiny(synth_root, tmp_path, shared, noise="perlin")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", *as_cli(settings)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == \
+        "error: noise: unknown noise type 'perlin'; choose one of gaussian, simplex"
+    assert "Traceback" not in result.stderr
