@@ -76,7 +76,7 @@ def test_cache_is_reused(prepared, synth_root):
     assert again.cache_dir == prepared.cache_dir
 
 
-@pytest.mark.parametrize("channels,size", [(("FLAIR", "T1w", "T1gd", "T2w"), 48)])
+@pytest.mark.parametrize("channels,size", [(("FLAIR", "T1w", "T1gd", "T2w"), 48), (("FLAIR",), 128)])
 def test_four_channels_and_other_sizes(synth_root, tmp_path, channels, size):
     cfg = PreprocessConfig(modalities=channels, image_size=size, pixdim=(4.0, 4.0, 4.0))
     prepared = prepare_data(synth_root, tmp_path / "split.json", tmp_path / "cache", cfg, workers=1, progress=False)

@@ -172,3 +172,12 @@ def test_cli_train_reports_bad_setting_in_one_line(synth_root, shared, tmp_path)
     assert result.stderr.strip().splitlines()[-1] == \
         "error: noise: unknown noise type 'perlin'; choose one of gaussian, simplex"
     assert "Traceback" not in result.stderr
+
+
+def test_bundle_metadata_verifies_against_the_kept_schema():
+    meta = REPO / "bundles" / "brats_diffusion_anomaly" / "configs" / "metadata.json"
+    schema = REPO / "configs" / "bundle_meta_schema.json"
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(meta),
+                             "--filepath", str(schema)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "metadata is verified with no error" in result.stdout + result.stderr
