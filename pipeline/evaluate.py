@@ -1,0 +1,147 @@
+"""Evaluate stage: saved anomaly maps + ground truth -> metrics.json, per-subject CSV, PNG report.
+
+The protocol (design notes, "Evaluation protocol"): brain voxels of the original image space,
+whole tumour (label > 0) as positives; the Dice threshold is chosen on validation subjects and
+applied to test subjects (the honest number); the best Dice over thresholds on test is reported
+too, labelled as the oracle. Binary masks at the chosen threshold are written beside the maps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .atomic import atomic_dir, atomic_path, write_json
+from .data import load_subjects
+from .errors import InputError
+from .metrics import ScoreAccumulator, auroc, roc_pr_curves, slice_labels, slice_scores
+from .report import write_report
+from .score import read_index
+
+
+def _read_volume(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise InputError(path, f"{what} not found")
+    try:
+        img = nib.load(str(path))
+        return np.asarray(img.dataobj), img.affine
+    except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken files
+        raise InputError(path, f"cannot read {what} ({type(err).__name__}: {err})") from None
+
+
+def load_subject_maps(item: dict, score_path: Path) -> dict:
+    """Map, whole-tumour label and brain mask of one subject, all on the original grid."""
+    if not item.get("label"):
+        raise InputError(item["image"], "subject has no label; evaluation needs ground truth")
+    score, affine = _read_volume(score_path, "anomaly map")
+    label, _ = _read_volume(Path(item["label"]), "label")
+    image, _ = _read_volume(Path(item["image"]), "image")
+    if score.shape != label.shape:
+        raise InputError(score_path, f"map shape {score.shape} does not match label shape {label.shape} "
+                                     f"of {item['label']}")
+    if not np.isfinite(score).all():
+        raise InputError(score_path, "map contains NaN or Inf")
+    brain = (image != 0).any(axis=-1) if image.ndim == 4 else image != 0
+    return {"score": score.astype(np.float32), "tumour": label > 0, "brain": brain, "affine": affine}
+
+
+def _accumulate(index: dict, scores_dir: Path, by_subject: dict, section: str, progress: bool):
+    """Pool one section's brain voxels; also keep slice scores for slice-level AUROC."""
+    acc = ScoreAccumulator()
+    slice_s, slice_l, volumes = [], [], {}
+    names = sorted(s for s, row in index["subjects"].items() if row["section"] == section)
+    if not names:
+        raise InputError(scores_dir / "index.json", f"no {section} subjects were scored")
+    for name in tqdm(names, desc=f"evaluate {section}", unit="subject", disable=not progress):
+        if name not in by_subject:
+            raise InputError(scores_dir / "index.json", f"subject {name} is not in the dataset")
+        data = load_subject_maps(by_subject[name], scores_dir / index["subjects"][name]["files"]["score"])
+        acc.add(name, data["score"][data["brain"]], data["tumour"][data["brain"]])
+        slice_s.append(slice_scores(data["score"], data["brain"]))
+        slice_l.append(slice_labels(data["tumour"]))
+        volumes[name] = data
+    return acc, np.concatenate(slice_s), np.concatenate(slice_l), volumes
+
+
+def compute_metrics(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLike, method: str = "",
+                    n_boot: int = 1000, seed: int = 0, progress: bool = True) -> tuple[dict, ScoreAccumulator, dict]:
+    """Recompute every number from the saved maps and the ground truth (nothing self-reported).
+
+    Returns (metrics, test accumulator, per-subject test volumes). Used by the evaluate workflow
+    and by the leaderboard, which must not trust a run's own metrics file.
+    """
+    scores_dir = Path(scores_dir)
+    index = read_index(scores_dir)
+    by_subject = {item["subject"]: item for item in load_subjects(dataset_dir).data}
+    val, _, _, _ = _accumulate(index, scores_dir, by_subject, "validation", progress)
+    test, s_scores, s_labels, volumes = _accumulate(index, scores_dir, by_subject, "test", progress)
+    threshold = val.best_dice()[1]
+    summary = test.summary(threshold)
+    intervals = test.bootstrap(("auroc", "auprc", "dice"), threshold=threshold, n_boot=n_boot, seed=seed)
+    metrics = {
+        "method": method or describe_method(index.get("settings", {})), "settings": index.get("settings", {}),
+        "test": {
+            "subjects": summary["subjects"], "brain_voxels": summary["voxels"], "tumour_voxels": summary["positives"],
+            "auroc": summary["auroc"], "auprc": summary["auprc"],
+            "dice": summary["dice"], "dice_threshold_from_validation": threshold,
+            "dice_oracle": summary["best_dice"], "dice_oracle_threshold": summary["best_threshold"],
+            "mean_subject_dice": summary["mean_subject_dice"],
+            "per_subject_dice": test.per_subject_dice(threshold),
+            "slice_auroc": _slice_auroc(s_scores, s_labels),
+            "ci95": {k: list(v) for k, v in intervals.items()},
+            "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "patient"},
+        },
+        "validation": {"subjects": len(val), "best_dice": val.best_dice()[0], "threshold": threshold},
+        "notes": "dice uses the threshold chosen on validation subjects; dice_oracle is the best Dice over "
+                 "thresholds on test itself (an oracle, not an achievable number).",
+    }
+    return metrics, test, volumes
+
+
+def describe_method(settings: dict) -> str:
+    """A readable method name from the scoring settings (used when none is given)."""
+    if settings.get("sampler") == "flair":
+        return "FLAIR-intensity baseline"
+    noise = settings.get("noise", "")
+    kind = "simplex" if "simplex" in noise else "gaussian" if "gaussian" in noise else "?"
+    steps = f", k={settings.get('ddim_steps')}" if settings.get("sampler") == "ddim" else ""
+    return f"diffusion ({kind} noise, {settings.get('sampler')} from t_L={settings.get('t_start')}{steps})"
+
+
+def evaluate_scores(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                    method: str = "", n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict:
+    """Metrics of one scoring run; writes ``metrics.json``, ``per_subject.csv``, ``report.png``, masks.
+
+    Everything lands in ``out_dir`` atomically (a failure leaves no partial results).
+    """
+    metrics, test, volumes = compute_metrics(dataset_dir, scores_dir, method, n_boot, seed, progress)
+    threshold = metrics["test"]["dice_threshold_from_validation"]
+    per_subject = metrics["test"]["per_subject_dice"]
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        pd.DataFrame({"subject": list(per_subject), "dice": list(per_subject.values()),
+                      "tumour_voxels": [int(volumes[s]["tumour"].sum()) for s in per_subject]}
+                     ).to_csv(tmp / "per_subject.csv", index=False)
+        _write_masks(tmp / "masks", volumes, threshold)
+        write_report(tmp / "report.png", Path(scores_dir), read_index(scores_dir), volumes, test, threshold, metrics)
+    return metrics
+
+
+def _slice_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Slice-level AUROC, or None when all test slices share one label (it is undefined then)."""
+    return auroc(scores, labels) if 0 < labels.sum() < labels.size else None
+
+
+def _write_masks(folder: Path, volumes: dict, threshold: float) -> None:
+    """Binary masks (``score > threshold``) in the original space, the affine of the input."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in volumes.items():
+        mask = nib.Nifti1Image(((data["score"] > threshold) & data["brain"]).astype(np.uint8), data["affine"])
+        with atomic_path(folder / f"{name}_mask.nii.gz", suffix=".nii.gz") as tmp:
+            nib.save(mask, str(tmp))

@@ -1,0 +1,83 @@
+"""PNG report of an evaluation: example slices (input, reconstruction, map, truth, prediction) + curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+ROWS = 4
+
+
+def _example_slices(scores_dir: Path, index: dict, names: list[str]) -> list[dict]:
+    """Up to ROWS preprocessed-grid slices, the test subjects with most tumour first."""
+    rows = []
+    for name in names:
+        files = index["subjects"][name]["files"]
+        if "slices" not in files:
+            continue
+        with np.load(scores_dir / files["slices"]) as grid:
+            tumour = grid["tumour"][0] if "tumour" in grid else np.zeros_like(grid["brain"][0])
+            k = int(np.argmax(tumour.sum(axis=(0, 1)))) if tumour.any() else 0
+            rows.append({"subject": name, "z": int(grid["z"][k]),
+                         **{key: grid[key][..., k] for key in ("image", "recon", "map", "brain")},
+                         "tumour": tumour[..., k]})
+        if len(rows) == ROWS:
+            break
+    return rows
+
+
+def write_report(path: Path, scores_dir: Path, index: dict, volumes: dict, test, threshold: float,
+                 metrics: dict) -> None:
+    """Write the figure people look at first: does the map light up where the tumour is?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(volumes, key=lambda s: -int(volumes[s]["tumour"].sum()))
+    rows = _example_slices(scores_dir, index, names)
+    n = max(1, len(rows))
+    fig = plt.figure(figsize=(15, 3 * n + 3.6), constrained_layout=True)
+    grid = fig.add_gridspec(n + 1, 5, height_ratios=[3] * n + [3.6])
+    vmax = max((float(r["map"].max()) for r in rows), default=1.0) or 1.0
+    titles = ("input (ch 0)", "reconstruction", "anomaly map", "ground truth", f"prediction (> {threshold:.3g})")
+    for i, row in enumerate(rows):
+        panels = (row["image"][0], row["recon"][0], row["map"][0], row["tumour"], row["map"][0] > threshold)
+        for j, (panel, title) in enumerate(zip(panels, titles)):
+            ax = fig.add_subplot(grid[i, j])
+            ax.imshow(np.rot90(panel), cmap="inferno" if j == 2 else "gray",
+                      vmin=0, vmax=vmax if j == 2 else (1 if j != 1 else None))
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(title if i == 0 else "", fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"{row['subject']} z={row['z']}", fontsize=9)
+    points = test.curves()
+    t = metrics["test"]
+    ax = fig.add_subplot(grid[n, 0:2])
+    ax.plot(points["fpr"], points["tpr"])
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC (AUROC {t['auroc']:.3f})")
+    ax = fig.add_subplot(grid[n, 2:4])
+    ax.plot(points["recall"], points["precision"])
+    ax.axhline(t["tumour_voxels"] / t["brain_voxels"], ls=":", color="grey")
+    ax.set(xlabel="recall", ylabel="precision", title=f"PR (AUPRC {t['auprc']:.3f})")
+    ax = fig.add_subplot(grid[n, 4])
+    ax.axis("off")
+    ax.text(0, 1, _summary_text(metrics), va="top", family="monospace", fontsize=9)
+    fig.suptitle(f"{metrics.get('method') or 'anomaly maps'}: {t['subjects']} test subjects", fontsize=12)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _summary_text(metrics: dict) -> str:
+    t = metrics["test"]
+    ci = t["ci95"]
+    lines = [f"AUROC  {t['auroc']:.3f} [{ci['auroc'][0]:.3f}, {ci['auroc'][1]:.3f}]",
+             f"AUPRC  {t['auprc']:.3f} [{ci['auprc'][0]:.3f}, {ci['auprc'][1]:.3f}]",
+             f"Dice   {t['dice']:.3f} [{ci['dice'][0]:.3f}, {ci['dice'][1]:.3f}]",
+             "       (threshold from validation)",
+             f"Dice*  {t['dice_oracle']:.3f}  (oracle, test-tuned)"]
+    if t.get("slice_auroc") is not None:
+        lines.append(f"slice AUROC {t['slice_auroc']:.3f}")
+    return "\n".join(lines)

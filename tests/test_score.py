@@ -1,0 +1,278 @@
+"""Score stage: samplers checked against an oracle model, anomaly maps, and maps written in the
+input's space after a tiny training run (32x32, 4 mm synthetic data)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from pipeline.bundle import run_bundle
+from pipeline.data import PreprocessConfig, load_subjects, preprocess_transforms
+from pipeline.errors import InputError, find_input_error
+from pipeline.noise import make_noise
+from pipeline.score import (anomaly_map, ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, invert_to_original,
+                            load_model, noise_to, preprocess_subject, read_index, score_split, score_subject)
+from pipeline.train import diffusion_unet, make_scheduler
+from test_train import tiny
+
+PREPROCESS = PreprocessConfig(image_size=32, pixdim=(4.0, 4.0, 4.0))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread; on a busy shared machine, two threads
+    contending for cores made each network call ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Oracle:
+    """A perfect denoiser for inputs whose clean version is ``x0``: returns the exact target
+    (epsilon, x0 or v, as the scheduler's prediction type says) for any noisy x_t."""
+
+    def __init__(self, scheduler, x0: torch.Tensor):
+        self.scheduler, self.x0 = scheduler, x0
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = self.scheduler.alphas_cumprod.to(x_t)[t].view(-1, 1, 1, 1)
+        eps = (x_t - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        kind = self.scheduler.prediction_type
+        if kind == "sample":
+            return self.x0.expand_as(x_t)
+        if kind == "v_prediction":
+            return abar.sqrt() * eps - (1 - abar).sqrt() * self.x0
+        return eps
+
+
+def _slices(n=3, size=16, seed=0, dtype=torch.float32) -> torch.Tensor:
+    return torch.rand(n, 1, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# samplers
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("t_start", [1, 50, 250, 999])
+def test_oracle_ddim_reconstructs_exactly(prediction, t_start):
+    scheduler = make_scheduler("linear", prediction_type=prediction)
+    for dtype in (torch.float64, torch.float32):
+        x0 = _slices(dtype=dtype)
+        # float32 rounding is amplified by 1/sqrt(alphas_cumprod[t]) when x0 is recovered from x_t
+        atol = 1e-9 if dtype == torch.float64 else 2e-6 / float(scheduler.alphas_cumprod[t_start]) ** 0.5
+        for steps in (1, 2, 10, 1000):
+            recon = ddim_reconstruct(Oracle(scheduler, x0), x0, t_start, scheduler, make_noise("gaussian"), steps)
+            assert recon.dtype == dtype and recon.shape == x0.shape
+            torch.testing.assert_close(recon, x0, atol=atol, rtol=0)
+
+
+def test_ddim_timesteps_start_at_t_start_and_descend():
+    assert ddim_timesteps(250, 1) == [250]
+    assert ddim_timesteps(250, 10) == [250, 225, 200, 175, 150, 125, 100, 75, 50, 25]
+    assert ddim_timesteps(3, 10) == [3, 2, 1, 0]  # never more steps than there are timesteps
+    for t, k in [(999, 7), (20, 2), (1, 1)]:
+        ts = ddim_timesteps(t, k)
+        assert ts[0] == t and len(ts) == min(k, t + 1) and all(a > b for a, b in zip(ts, ts[1:]))
+
+
+def test_noise_to_matches_the_forward_process():
+    scheduler = make_scheduler()
+    x0, eps = _slices(), _slices(seed=1)
+    abar = float(scheduler.alphas_cumprod[100])
+    torch.testing.assert_close(noise_to(x0, 100, scheduler, eps), abar**0.5 * x0 + (1 - abar) ** 0.5 * eps)
+
+
+def test_ddpm_oracle_and_reproducible_with_seed():
+    scheduler = make_scheduler()
+    x0 = _slices(n=2)
+    # exact up to MONAI's float32 step coefficients (beta_0 / (1 - alphas_cumprod[0]) ~ 1 +- 1e-3)
+    recon = ddpm_reconstruct(Oracle(scheduler, x0), x0, 5, scheduler, make_noise("gaussian"))
+    torch.testing.assert_close(recon, x0, atol=2e-3, rtol=0)
+
+    torch.manual_seed(0)
+    net = diffusion_unet(16, 1, (32, 32), (False, False)).eval()
+    runs = [ddpm_reconstruct(net, x0, 3, scheduler, make_noise("simplex", image_size=16, seed=s)) for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    # the reverse noise alone is seeded too: same start noise, other generator -> other result
+    other = ddpm_reconstruct(net, x0, 3, scheduler, make_noise("simplex", image_size=16, seed=3),
+                             generator=torch.Generator().manual_seed(99))
+    assert not torch.equal(runs[0], other)
+
+
+# ----------------------------------------------------------------------------------------------
+# anomaly maps
+
+
+def _head(size=32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth 'healthy' slice and its brain mask (a disc)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    r2 = (yy - size / 2) ** 2 + (xx - size / 2) ** 2
+    brain = (r2 < (0.4 * size) ** 2).float()[None, None]
+    image = (0.4 + 0.2 * torch.sin(xx / 4.0) * torch.cos(yy / 5.0))[None, None] * brain
+    return image, brain
+
+
+def test_inserted_blob_scores_higher_than_healthy_tissue():
+    scheduler = make_scheduler()
+    healthy, brain = _head()
+    blob = torch.zeros_like(healthy)
+    blob[..., 12:17, 18:23] = 0.5
+    oracle = Oracle(scheduler, healthy)  # knows only the healthy anatomy: it "heals" the blob
+    maps = {}
+    for name, x in (("healthy", healthy), ("blob", (healthy + blob).clamp(0, 1))):
+        recon = ddim_reconstruct(oracle, x, 250, scheduler, make_noise("gaussian"), steps=10)
+        maps[name] = anomaly_map(x, recon, brain)
+    inside = blob > 0
+    assert maps["blob"][inside].mean() > 0.3
+    assert maps["blob"][~inside].mean() < 0.01
+    assert maps["healthy"].max() < 1e-3
+    assert maps["blob"].sum() > 100 * maps["healthy"].sum()
+
+
+def test_anomaly_map_masks_filters_and_averages_draws():
+    x = torch.zeros(2, 2, 16, 16)
+    brain = torch.zeros(2, 1, 16, 16)
+    brain[..., 2:14, 2:14] = 1
+    recon = x.clone()
+    recon[0, 1, 8, 8] = 1.0  # single-pixel spike: removed by the median filter
+    recon[1, 0, 4:9, 4:9] = 0.6  # a patch in one channel: kept
+    recon[:, :, 2, :] = 1.0  # on the brain rim: removed by the erosion
+    out = anomaly_map(x, recon, brain, erode_iters=1, median_size=3, reduce="max")
+    assert out.shape == (2, 1, 16, 16)
+    assert out[0].max() == 0
+    assert out[1, 0, 6, 6] == pytest.approx(0.6)
+    assert out[..., :3, :].max() == 0
+    mean = anomaly_map(x, recon, brain, reduce="mean")
+    assert mean[1, 0, 6, 6] == pytest.approx(0.3)
+    two = anomaly_map(x, [recon, x], brain, median_size=1)  # two draws, one with no residual
+    assert two[1, 0, 6, 6] == pytest.approx(0.3)
+    for bad in (dict(reduce="sum"), dict(median_size=4), dict(erode_iters=-1)):
+        with pytest.raises(InputError):
+            anomaly_map(x, recon, brain, **bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# whole subjects and splits (tiny trained model)
+
+
+def _reoriented_copy(src: Path, dst: Path, subject: str) -> None:
+    """Write a copy of an MSD subject stored LPS with swapped in-plane axes (x <-> y) and
+    anisotropic voxels, so inversion has orientation, spacing and cropping to undo."""
+    for folder in ("imagesTr", "labelsTr"):
+        img = nib.load(src / folder / f"{subject}.nii.gz")
+        data = np.asarray(img.dataobj)
+        data = np.swapaxes(data[::-1, ::-1], 0, 1)
+        affine = np.array([[0, -4.0, 0, 120], [-4.5, 0, 0, 130], [0, 0, 4.0, -76], [0, 0, 0, 1]])
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), dst / folder / f"{subject}.nii.gz")
+
+
+def test_inverted_maps_overlay_the_input(synth_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    item = next(i for i in load_subjects(data).data if np.asarray(nib.load(i["label"]).dataobj).any())
+    _reoriented_copy(synth_root / "Task01_BrainTumour", data / "Task01_BrainTumour", item["subject"])
+    transform = preprocess_transforms(PREPROCESS, with_label=True)
+    out = preprocess_subject(item, transform)
+    # the whole-tumour mask, inverted from the grid, lands on the input's own label
+    back = invert_to_original(out["tumour"].float().as_tensor(), out["image"], transform)
+    label = nib.load(item["label"])
+    assert tuple(back.shape[1:]) == label.shape
+    np.testing.assert_allclose(np.asarray(back.affine), label.affine, atol=1e-5)
+    pred, truth = back[0].numpy() > 0.5, np.asarray(label.dataobj) > 0
+    assert truth.sum() > 0 and 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.7
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared_score")
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root, shared, tmp_path_factory) -> dict:
+    """One tiny training run (1 epoch), reused by every scoring test below."""
+    out = tmp_path_factory.mktemp("trained")
+    settings = tiny(synth_root, out, shared)
+    run_bundle("train", **settings)
+    return settings
+
+
+def test_inference_bundle_writes_maps_in_input_space(trained, synth_root):
+    flow = run_bundle("inference", **trained, sampler="ddim", ddim_steps=2, t_start=20, score_threshold=0.1)
+    scores = Path(trained["output_dir"]) / "scores"
+    index = read_index(scores)
+    split = flow.parser.get_parsed_content("prepared").split
+    assert set(index["subjects"]) == set(split["validation"]) | set(split["test"])
+    assert index["settings"]["sampler"] == "ddim" and index["settings"]["t_start"] == 20
+    by_subject = {i["subject"]: i for i in load_subjects(synth_root).data}
+    for subject, entry in index["subjects"].items():
+        assert entry["files"]["score"] == f"{entry['section']}/{subject}_score.nii.gz"
+        assert entry["seconds"] > 0
+        source = nib.load(by_subject[subject]["image"])
+        score = nib.load(scores / entry["files"]["score"])
+        mask = nib.load(scores / entry["files"]["mask"])
+        for written, dtype in ((score, np.float32), (mask, np.uint8)):
+            assert written.shape == source.shape[:3]
+            np.testing.assert_array_equal(written.affine, source.affine)
+            assert written.get_data_dtype() == dtype
+        values = score.get_fdata()
+        brain = (np.asarray(source.dataobj) != 0).any(-1)
+        assert np.isfinite(values).all() and values.min() >= 0 and values[brain].max() > 0
+        assert values[~brain].mean() < values[brain].mean()
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), (values >= 0.1).astype(np.uint8))
+        slices = np.load(scores / entry["files"]["slices"])
+        assert {"image", "recon", "map", "brain", "tumour", "z"} <= set(slices.files)
+    assert not [p for p in scores.parent.iterdir() if p.name.startswith(".scores")]  # no temp folders left
+
+
+def _score_kwargs(trained: dict, **extra) -> dict:
+    kwargs = dict(dataset_dir=trained["dataset_dir"], split=json.loads(Path(trained["split_file"]).read_text()),
+                  preprocess=PREPROCESS, model_path=Path(trained["ckpt_dir"]) / "model.pt",
+                  network=diffusion_unet(32, 1, (32, 32, 32)), scheduler=make_scheduler(),
+                  noise_generator=make_noise("gaussian"), out_dir=Path(trained["output_dir"]) / "other_scores",
+                  sections=("validation",), ddim_steps=1, t_start=10, progress=False)
+    kwargs.update(extra)
+    return kwargs
+
+
+def test_checkpoint_from_other_config_is_refused(trained):
+    with pytest.raises(Exception) as info:
+        run_bundle("inference", **{**trained, "unet_channels": [32, 64, 64]})
+    found = find_input_error(info.value)
+    assert found is not None and "does not match" in found.problem
+    assert found.source == str(Path(trained["ckpt_dir"]) / "model.pt")
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(split={"train": ["BRATS_001"], "validation": ["BRATS_002"], "test": []}, sections=("validation", "test")),
+     "no test subjects"),
+    (dict(t_start=0), "t_start"),
+    (dict(t_start=1000), r"\[1, 999\]"),
+    (dict(sampler="euler"), "unknown sampler"),
+    (dict(ddim_steps=0), "ddim_steps"),
+    (dict(sections=("holdout",)), "unknown section"),
+    (dict(model_path="/nonexistent/model.pt"), "checkpoint not found"),
+])
+def test_bad_settings_are_refused(trained, change, message):
+    with pytest.raises(InputError, match=message):
+        score_split(**_score_kwargs(trained, **change))
+
+
+def test_ddpm_subject_scores_repeat_with_the_seed(trained):
+    kwargs = _score_kwargs(trained)
+    model = load_model(kwargs["network"], kwargs["model_path"])
+    item = next(i for i in load_subjects(trained["dataset_dir"]).data if i["subject"] == kwargs["split"]["test"][0])
+    transform = preprocess_transforms(PREPROCESS, with_label=True)
+    runs = [score_subject(item, transform, model, kwargs["scheduler"], make_noise("gaussian", seed=3),
+                          sampler="ddpm", t_start=1) for _ in range(2)]
+    assert np.array_equal(runs[0].score, runs[1].score) and runs[0].score.max() > 0
+    assert runs[0].score.shape == nib.load(item["image"]).shape[:3]
+    assert runs[0].grid["map"].shape == (1, 32, 32, runs[0].grid["image"].shape[-1])
