@@ -9,7 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathlib import Path
+
 from .errors import InputError, find_input_error
+
+DEFAULT_LEADERBOARD = "results/leaderboard.csv"
 
 
 def _cmd_synth(args) -> None:
@@ -71,6 +75,38 @@ def _run_torchrun(workflow: str, nproc: int, overrides: dict) -> None:
         raise SystemExit(code)
 
 
+def _cmd_benchmark(args) -> None:
+    from .benchmark import load_protocol, run_benchmark
+    from .leaderboard import show
+
+    runs = run_benchmark(args.protocol, args.results, args.leaderboard, progress=not args.quiet)
+    print(f"{len(runs)} runs under {Path(args.results) / load_protocol(args.protocol)['id']}")
+    print(show(args.leaderboard, protocol_id=load_protocol(args.protocol)["id"]))
+
+
+def _cmd_submit(args) -> None:
+    import json
+
+    from .benchmark import load_protocol, protocol_for_submission
+    from .leaderboard import submit
+
+    run_dir = Path(args.run_dir)
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        raise InputError(run_json, "not a finished run folder (run.json missing)")
+    recorded = json.loads(run_json.read_text())["protocol"]["path"]
+    protocol = load_protocol(args.protocol or recorded)
+    row = submit(run_dir, args.leaderboard, protocol_for_submission(protocol, run_dir.parent.parent))
+    print(f"submitted {row['method']} to {args.leaderboard}: AUROC {row['auroc']:.4f}, AUPRC {row['auprc']:.4f}, "
+          f"Dice {row['dice']:.4f}")
+
+
+def _cmd_show(args) -> None:
+    from .leaderboard import show
+
+    print(show(args.leaderboard, protocol_id=args.protocol_id, metric=args.metric, html_path=args.html))
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -79,7 +115,9 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="pipeline", description="Unsupervised brain-tumour detection with diffusion models (MONAI). "
+                                     "Each command calls the same library functions as the bundle configs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a synthetic BraTS-like dataset in the MSD Task01 layout")
@@ -111,6 +149,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=1, help="processes for DistributedDataParallel (torchrun; gloo on CPU)")
     p.add_argument("--tracking", choices=["mlflow"], default=None, help="log the run to MLflow")
     p.set_defaults(func=_cmd_bundle("train"), bundle=True)
+
+    p = sub.add_parser("score", help="anomaly maps for validation + test subjects (the bundle's inference config)",
+                       epilog="Settings as --key value: --sampler ddim|ddpm|flair --t_start 250 --ddim_steps 10 "
+                              "--n_draws 1 --model_path PATH --scores_dir DIR.")
+    p.set_defaults(func=_cmd_bundle("inference"), bundle=True, tracking=None)
+
+    p = sub.add_parser("evaluate", help="metrics.json, per-subject CSV, report.png from saved maps (evaluate config)",
+                       epilog="Settings as --key value: --scores_dir DIR --evaluation_dir DIR --bootstrap_resamples N.")
+    p.set_defaults(func=_cmd_bundle("evaluate"), bundle=True, tracking=None)
+
+    p = sub.add_parser("benchmark", help="run a benchmark protocol (train, score, evaluate every entry), "
+                                         "submit to the leaderboard and print it")
+    p.add_argument("protocol", help="protocol file, e.g. configs/benchmark/default.yaml")
+    p.add_argument("--results", default="results", help="results root (default results/)")
+    p.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD, help=f"CSV (default {DEFAULT_LEADERBOARD})")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser("leaderboard", help="submit a run folder or show the ranked table")
+    lsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = lsub.add_parser("submit", help="recompute a run's metrics from its maps and append it")
+    q.add_argument("run_dir")
+    q.add_argument("--protocol", default=None, help="protocol file (default: the one recorded in run.json)")
+    q.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD)
+    q.set_defaults(func=_cmd_submit)
+    q = lsub.add_parser("show", help="ranked table (Markdown) with 95 %% intervals and paired tests")
+    q.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD)
+    q.add_argument("--protocol-id", default=None)
+    q.add_argument("--metric", default="auprc", choices=["auprc", "auroc", "dice"])
+    q.add_argument("--html", default=None, help="also write the table as HTML to this file")
+    q.set_defaults(func=_cmd_show)
     return parser
 
 

@@ -1,0 +1,61 @@
+"""Scoring cost and quality on one trained model, in one run: seconds per subject and AUPRC for
+the AnoDDPM protocol (DDPM over every step from t_L) and for DDIM at k = 10 and k = 25.
+
+Uses the bundle's own objects (network, scheduler, noise, preprocessing) and the model trained by
+the README's `pipeline train` (bundles/brats_diffusion_anomaly/models/model.pt) unless told otherwise.
+AUPRC is pooled over the brain voxels of the same test subjects for every setting.
+
+    python benchmarks/bench_score.py [--subjects 2] [--t-start 250] [--model-path PATH] [--dataset-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import nibabel as nib
+import numpy as np
+from common import machine
+
+from pipeline.bundle import BUNDLE_DIR, make_workflow
+from pipeline.data import load_subjects, preprocess_transforms
+from pipeline.metrics import ScoreAccumulator
+from pipeline.score import load_model, score_subject
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subjects", type=int, default=2, help="test subjects scored by every setting")
+    parser.add_argument("--t-start", type=int, default=250)
+    parser.add_argument("--model-path", default=str(BUNDLE_DIR / "models" / "model.pt"))
+    parser.add_argument("--dataset-dir", default="data/synthetic")
+    parser.add_argument("--noise", default="simplex", help="noise the model was trained with")
+    args = parser.parse_args()
+    flow = make_workflow("inference", dataset_dir=args.dataset_dir, noise=args.noise, progress=False)
+    get = flow.parser.get_parsed_content
+    split, preprocess = get("prepared").split, get("preprocess")
+    model = load_model(get("network"), args.model_path)
+    scheduler, noise, device = get("scheduler"), get("noise_generator"), get("device")
+    items = {item["subject"]: item for item in load_subjects(args.dataset_dir).data}
+    subjects = [items[s] for s in split["test"][: args.subjects]]
+    transform = preprocess_transforms(preprocess)
+    settings = [("AnoDDPM (DDPM every step)", "ddpm", 0), ("DDIM k=10", "ddim", 10), ("DDIM k=25", "ddim", 25)]
+    print(f"machine: {machine()}")
+    print(f"model {args.model_path}, {len(subjects)} test subjects, t_L={args.t_start}, noise {args.noise}")
+    print(f"{'setting':<28} {'network calls':>13} {'s/subject':>10} {'AUPRC':>7} {'AUROC':>7}")
+    for name, sampler, steps in settings:
+        acc, seconds = ScoreAccumulator(), []
+        for item in subjects:
+            start = time.perf_counter()
+            result = score_subject(item, transform, model, scheduler, noise, sampler, args.t_start,
+                                   max(steps, 1), 1, 64, device)
+            seconds.append(time.perf_counter() - start)
+            label = np.asarray(nib.load(item["label"]).dataobj) > 0
+            brain = (np.asarray(nib.load(item["image"]).dataobj) != 0).any(axis=-1)
+            acc.add(item["subject"], result.score[brain], label[brain])
+        calls = args.t_start + 1 if sampler == "ddpm" else steps
+        print(f"{name:<28} {calls:>13} {np.mean(seconds):10.1f} {acc.auprc():7.3f} {acc.auroc():7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Reproducible benchmark: one protocol file -> a matrix of methods, each trained, scored and evaluated.
+
+Every entry runs through the bundle (train, inference, evaluate workflows) and gets one run folder
+with the resolved config, environment, anomaly maps, metrics and timings. Entries already done
+(their ``run.json`` exists; it is written last) are skipped, and models are shared between
+entries that differ only in how they score (t_L, sampler), since training does not depend on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .atomic import write_json
+from .bundle import run_bundle
+from .data import dataset_fingerprint, task_paths
+from .errors import InputError
+from .leaderboard import protocol_hash, split_fingerprint
+
+PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
+MATRIX_KEYS = ("noise", "sampler", "t_start", "ddim_steps", "n_draws", "seed")
+BASELINE = "flair"
+PACKAGES = ("torch", "monai", "numpy", "nibabel", "scikit-learn", "pandas", "opensimplex", "numba",
+            "pytorch-ignite", "brain-diffusion-anomaly")
+
+
+# ----------------------------------------------------------------------------------------------
+# protocol
+
+
+def load_protocol(path: str | os.PathLike) -> dict:
+    """Read and check a protocol file; adds ``hash`` (of its content) and ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "protocol file not found")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(path, f"malformed YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(content, dict):
+        raise InputError(path, "a protocol must be a mapping")
+    unknown = sorted(set(content) - PROTOCOL_KEYS)
+    missing = sorted({"id", "dataset", "methods"} - set(content))
+    if unknown or missing:
+        raise InputError(path, f"unknown keys {unknown} / missing keys {missing} (allowed: {sorted(PROTOCOL_KEYS)})")
+    if not isinstance(content["methods"], list) or not content["methods"]:
+        raise InputError(path, "'methods' must be a non-empty list")
+    dataset = content["dataset"]
+    if not isinstance(dataset, dict) or "dir" not in dataset:
+        raise InputError(path, "'dataset' needs 'dir' (and 'synthetic' settings to generate it)")
+    return {**content, "hash": protocol_hash(content), "path": str(path)}
+
+
+def expand_methods(protocol: dict) -> list[dict]:
+    """The method matrix: list-valued settings multiply out; each entry gets a readable id."""
+    entries = []
+    for method in protocol["methods"]:
+        if not isinstance(method, dict) or "name" not in method:
+            raise InputError(protocol["path"], f"every method needs a 'name', got {method!r}")
+        varying = {k: v for k, v in method.items() if k in MATRIX_KEYS and isinstance(v, list)}
+        fixed = {k: v for k, v in method.items() if k not in varying}
+        for values in itertools.product(*varying.values()):
+            entry = {**fixed, **dict(zip(varying, values))}
+            entry.setdefault("seed", 0)
+            entry["id"] = _entry_id(entry, varying)
+            entries.append(entry)
+    ids = [e["id"] for e in entries]
+    if len(set(ids)) != len(ids):
+        raise InputError(protocol["path"], f"method entries repeat: {sorted(i for i in ids if ids.count(i) > 1)}")
+    return entries
+
+
+def _entry_id(entry: dict, varying: dict) -> str:
+    parts = [str(entry["name"])]
+    for key in varying:
+        short = {"t_start": "t", "ddim_steps": "k", "n_draws": "d", "seed": "s"}.get(key, "")
+        parts.append(f"{short}{entry[key]}")
+    if "seed" not in varying:
+        parts.append(f"s{entry['seed']}")
+    return "-".join(parts)
+
+
+def is_baseline(entry: dict) -> bool:
+    return entry.get("sampler") == BASELINE
+
+
+# ----------------------------------------------------------------------------------------------
+# environment and hashes
+
+
+def code_version() -> str:
+    """Git commit of the checkout (``+dirty`` if changed), else the package version."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return f"brain-diffusion-anomaly {__version__}"
+
+
+def hardware() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()} {os.cpu_count()} CPUs, {gpu}"
+
+
+def environment() -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
+            "code_version": code_version(), "hardware": hardware()}
+
+
+def config_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+
+
+def ensure_dataset(protocol: dict, progress: bool = True) -> Path:
+    """The protocol's dataset folder; a synthetic one is generated when absent."""
+    dataset = protocol["dataset"]
+    root, task_dir = task_paths(dataset["dir"])
+    if not (task_dir / "dataset.json").is_file():
+        synthetic = dataset.get("synthetic")
+        if synthetic is None:
+            raise InputError(task_dir, "dataset not found and the protocol gives no 'synthetic' settings")
+        from .synth import generate_dataset
+
+        generate_dataset(root, n_healthy=synthetic.get("healthy", 8), n_tumour=synthetic.get("tumour", 16),
+                         seed=synthetic.get("seed", 0), spacing=synthetic.get("spacing", 2.0), progress=progress)
+    return root
+
+
+def _train_settings(protocol: dict, entry: dict) -> dict:
+    """What the model depends on (not how it is scored): entries sharing these share a model."""
+    return {**protocol.get("bundle", {}), "noise": entry.get("noise", "gaussian"), "seed": entry["seed"],
+            **{k: v for k, v in entry.items() if k in ("schedule", "prediction_type", "epochs")}}
+
+
+def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, progress: bool = True) -> Path:
+    """Train (or reuse) the model, score validation + test, evaluate; write ``run.json`` last."""
+    run_dir = results / "runs" / entry["id"]
+    if (run_dir / "run.json").is_file():
+        return run_dir
+    split = protocol.get("split", {})
+    shared = {"dataset_dir": str(dataset_root), "split_file": str(results / "split.json"),
+              "cache_dir": str(results / "cache"), "split_seed": split.get("seed", 0), "progress": progress}
+    train = _train_settings(protocol, entry)
+    model_dir = results / "models" / ("none" if is_baseline(entry) else config_hash(train))
+    train_seconds = 0.0 if is_baseline(entry) else _train_once(model_dir, train, shared, run_dir)
+    score = {k: entry[k] for k in ("sampler", "t_start", "ddim_steps", "n_draws") if k in entry}
+    settings = {**train, **score, **shared, "output_dir": str(run_dir), "ckpt_dir": str(model_dir),
+                "scores_dir": str(run_dir / "scores"), "evaluation_dir": str(run_dir / "evaluation"),
+                "method_name": entry["id"], "bootstrap_resamples": protocol.get("evaluation", {}).get("bootstrap_resamples", 1000)}
+    start = time.perf_counter()
+    run_bundle("inference", **settings)
+    inference_seconds = time.perf_counter() - start
+    run_bundle("evaluate", **settings)
+    env = environment()
+    hashed = {k: v for k, v in settings.items() if k not in shared and not k.endswith("_dir") and k != "progress"}
+    write_json(run_dir / "config.json", settings)
+    write_json(run_dir / "environment.json", env)
+    write_json(run_dir / "run.json", {
+        "method": entry["id"], "entry": entry,
+        "protocol": {"id": protocol["id"], "hash": protocol["hash"], "path": protocol["path"]},
+        "dataset": {"dir": str(dataset_root), "fingerprint": dataset_fingerprint(dataset_root)},
+        "split": {"file": shared["split_file"],
+                  "fingerprint": split_fingerprint(json.loads(Path(shared["split_file"]).read_text()))},
+        "config_hash": config_hash(hashed), "seed": entry["seed"], "code_version": env["code_version"],
+        "hardware": env["hardware"],
+        "timings": {"train_seconds": round(train_seconds, 3), "inference_seconds": round(inference_seconds, 3)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    return run_dir
+
+
+def _train_once(model_dir: Path, train: dict, shared: dict, run_dir: Path) -> float:
+    """Train unless ``model_dir`` already holds a finished model; return the training seconds."""
+    record = model_dir / "train.json"
+    if (model_dir / "model.pt").is_file() and record.is_file():
+        return json.loads(record.read_text())["seconds"]
+    start = time.perf_counter()
+    run_bundle("train", **train, **shared, output_dir=str(model_dir), ckpt_dir=str(model_dir))
+    seconds = time.perf_counter() - start
+    write_json(record, {"seconds": round(seconds, 3), "settings": train})
+    return seconds
+
+
+def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLike = "results",
+                  leaderboard: str | os.PathLike | None = None, progress: bool = True) -> list[Path]:
+    """Run every entry of the protocol; submit new runs to ``leaderboard`` (if given)."""
+    from .leaderboard import submit
+
+    protocol = load_protocol(protocol_path)
+    entries = expand_methods(protocol)
+    results = Path(results_dir) / protocol["id"]
+    dataset_root = ensure_dataset(protocol, progress)
+    write_json(results / "protocol.json", {k: v for k, v in protocol.items() if k != "path"})
+    runs = []
+    for i, entry in enumerate(entries, 1):
+        done = (results / "runs" / entry["id"] / "run.json").is_file()
+        print(f"[{i}/{len(entries)}] {entry['id']}: {'already done' if done else 'running'}", flush=True)
+        run_dir = run_entry(protocol, entry, results, dataset_root, progress)
+        runs.append(run_dir)
+        if leaderboard is not None and not done:
+            submit(run_dir, leaderboard, protocol_for_submission(protocol, results),
+                   n_boot=protocol.get("evaluation", {}).get("bootstrap_resamples", 1000))
+    return runs
+
+
+def protocol_for_submission(protocol: dict, results: Path) -> dict:
+    """What the leaderboard checks a run against: protocol id/hash, dataset and split file."""
+    root, _ = task_paths(protocol["dataset"]["dir"])
+    return {"id": protocol["id"], "hash": protocol["hash"], "dataset_dir": str(root),
+            "split_file": str(results / "split.json")}

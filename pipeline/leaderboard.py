@@ -1,0 +1,446 @@
+"""Leaderboard stage: recompute a run's numbers from its maps, append them to a CSV, rank them.
+
+Trust. A submission never uses the run's own ``evaluation/metrics.json``: :func:`submission_row`
+recomputes every number with :func:`pipeline.evaluate.compute_metrics` from the saved maps and
+the ground truth named by the *current* protocol, after checking that the run was made under that
+protocol (id and content hash), on the same data (:func:`pipeline.data.dataset_fingerprint`) and
+the same patient split (:func:`split_fingerprint`), and that its maps cover exactly the split's
+validation and test subjects (a run cannot drop hard test patients).
+
+The CSV (one row per submission, columns :data:`COLUMNS`). Appends go through :func:`append_row`
+under ``filelock.FileLock(<csv>.lock)``: existing rows are read, the new row added and the whole
+file rewritten to a temporary file that replaces the CSV (``os.replace``), so concurrent
+submitters never lose a row and readers never see half a file. Spreadsheet safety (OWASP
+"CSV injection"): a text cell starting with ``= + - @``, tab or carriage return is stored with a
+leading ``'``; numbers are written as numbers. Line breaks and control characters are refused in
+every text field, method names must match :data:`METHOD_PATTERN`.
+
+Paired test over patients. Beside ``<name>.csv`` lives ``<name>.subjects/<row_id>.json`` with
+per-test-subject AUROC, AUPRC (``null`` for a subject without tumour or without healthy voxels,
+where they are undefined) and Dice at the validation threshold. :func:`ranked_table` compares
+each entry with the best entry sharing its protocol (id and hash), dataset and split by a
+two-sided Wilcoxon signed-rank test on the per-subject differences (``scipy.stats.wilcoxon``,
+zero differences dropped). Why this and not the pooled-voxel paired bootstrap of
+:func:`pipeline.metrics.paired_bootstrap`: that one needs every voxel score of both methods,
+which the CSV does not keep, and a bootstrap over a handful of test patients is anti-conservative
+(two patients that both favour A already give p ~ 0.002), while the exact signed-rank test states
+honestly that fewer than 6 paired patients can never reach p < 0.05. The test is on per-subject
+values (the BraTS-style per-case comparison), the ranking on pooled values; both are reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import json
+import math
+import numbers
+import re
+import unicodedata
+import uuid
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from filelock import FileLock, Timeout
+
+from .atomic import atomic_path, write_json
+from .errors import InputError
+from .metrics import METRICS, pixel_metrics
+
+COLUMNS = [
+    "row_id",  # 32 hex digits; names the per-subject sidecar
+    "method", "protocol_id", "protocol_hash", "dataset_fingerprint", "split_fingerprint",
+    "config_hash", "seed", "code_version",
+    "auroc", "auroc_ci_low", "auroc_ci_high",  # pooled test brain voxels, patient-level 95 % bootstrap CI
+    "auprc", "auprc_ci_low", "auprc_ci_high",
+    "dice", "dice_ci_low", "dice_ci_high",  # threshold chosen on validation subjects (the honest number)
+    "dice_oracle",  # best Dice over thresholds on test itself (an oracle, not achievable)
+    "test_subjects", "n_boot",
+    "train_seconds", "inference_seconds", "hardware",
+    "submitted_at",  # UTC, ISO 8601
+    "run_dir",  # absolute path of the run folder
+]
+"""CSV columns, in file order."""
+
+NUMERIC_COLUMNS = frozenset({"seed", "test_subjects", "n_boot", "train_seconds", "inference_seconds",
+                             "dice_oracle"} | {f"{m}{s}" for m in METRICS for s in ("", "_ci_low", "_ci_high")})
+
+METHOD_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,79}")
+"""Method names: a letter or digit, then up to 79 of letters, digits, ``. _ + -`` (no paths, no spaces)."""
+
+ROW_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+COMPARABLE = ("protocol_id", "protocol_hash", "dataset_fingerprint", "split_fingerprint")
+"""Entries agreeing on these saw the same patients; only they are tested against each other."""
+DUPLICATE_KEY = ("method", "protocol_hash", "dataset_fingerprint", "split_fingerprint", "config_hash", "seed",
+                 "code_version")
+"""A second row equal on all of these is the same run submitted again, and is refused."""
+ALPHA = 0.05
+LOCK_TIMEOUT_S = 300
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def _sha256(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def split_fingerprint(split: dict) -> str:
+    """sha256 of the canonical JSON of the sorted train / validation / test subject lists."""
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "validation", "test")):
+        raise InputError("split", "needs lists 'train', 'validation' and 'test'")
+    return _sha256({k: sorted(split[k]) for k in ("train", "validation", "test")})
+
+
+def protocol_hash(protocol_content: dict) -> str:
+    """sha256 of the protocol file's content as canonical JSON (sorted keys, compact; dates etc. as str)."""
+    return _sha256(protocol_content)
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def check_method_name(name, source="method") -> str:
+    if not isinstance(name, str) or not METHOD_PATTERN.fullmatch(name):
+        raise InputError(source, f"method name {name!r} must match {METHOD_PATTERN.pattern} "
+                                 "(letters, digits, '._+-', at most 80 characters)")
+    return name
+
+
+def _check_text(column: str, value, source) -> str:
+    """A text cell: a string without line breaks or control characters (tab allowed)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(source, f"{column} must be text, got {type(value).__name__}")
+    bad = [c for c in value if c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+    if bad:
+        raise InputError(source, f"{column} contains a line break or control character ({bad[0]!r})")
+    return value
+
+
+def _check_number(column: str, value, source):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InputError(source, f"{column} must be a finite number, got {value!r}")
+    return value
+
+
+def _cell(column: str, value, source="leaderboard row") -> str:
+    """The CSV text of one checked value; formula-like text gets a leading quote (OWASP)."""
+    if column in NUMERIC_COLUMNS:
+        value = _check_number(column, value, source)
+        if value is None:
+            return ""
+        return str(int(value)) if isinstance(value, numbers.Integral) else repr(float(value))
+    text = _check_text(column, value, source)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def _serialise(row: dict) -> list[str]:
+    missing = [c for c in COLUMNS if c not in row]
+    if missing:
+        raise InputError("leaderboard row", f"missing columns: {', '.join(missing)}")
+    check_method_name(row["method"], "leaderboard row")
+    if not isinstance(row["row_id"], str) or not ROW_ID_PATTERN.fullmatch(row["row_id"]):
+        raise InputError("leaderboard row", f"row_id must be 32 lowercase hex digits, got {row['row_id']!r}")
+    return [_cell(c, row[c]) for c in COLUMNS]
+
+
+# ----------------------------------------------------------------------------- building a row
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InputError(path, f"{what} not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(path, f"malformed JSON ({err})") from None
+
+
+def _field(record: dict, dotted: str, source: Path):
+    value = record
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise InputError(source, f"missing {dotted!r}")
+        value = value[key]
+    return value
+
+
+def _check_run_dir(run_dir) -> Path:
+    _check_text("run_dir", str(run_dir), "run_dir")
+    path = Path(run_dir).resolve()
+    _check_text("run_dir", str(path), "run_dir")
+    if not path.is_dir():
+        raise InputError(path, "run folder not found")
+    return path
+
+
+def _check_provenance(run: dict, run_json: Path, run_dir: Path, protocol: dict) -> None:
+    """Refuse a run made under another protocol, on other data, another split or other subjects."""
+    from .data import dataset_fingerprint
+    from .score import read_index
+
+    for key in ("id", "hash", "dataset_dir", "split_file"):
+        if key not in protocol:
+            raise InputError("protocol", f"missing {key!r}")
+    for key in ("id", "hash"):
+        if _field(run, f"protocol.{key}", run_json) != protocol[key]:
+            raise InputError(run_json, f"protocol {key} {run['protocol'][key]!r} differs from the current protocol's "
+                                       f"{protocol[key]!r}; rerun under this protocol")
+    current = dataset_fingerprint(protocol["dataset_dir"])
+    if _field(run, "dataset.fingerprint", run_json) != current:
+        raise InputError(run_json, f"dataset fingerprint {run['dataset']['fingerprint']!r} differs from "
+                                   f"{current!r} of {protocol['dataset_dir']} (the data changed)")
+    split_file = Path(protocol["split_file"])
+    split = _read_json(split_file, "split file")
+    if _field(run, "split.fingerprint", run_json) != split_fingerprint(split):
+        raise InputError(run_json, f"split fingerprint differs from that of {split_file} (other patients)")
+    index_path = run_dir / "scores" / "index.json"
+    subjects = read_index(run_dir / "scores").get("subjects")
+    if not isinstance(subjects, dict):
+        raise InputError(index_path, "needs a 'subjects' mapping")
+    for section in ("validation", "test"):
+        scored = {s for s, item in subjects.items() if isinstance(item, dict) and item.get("section") == section}
+        if scored != set(split[section]):
+            raise InputError(index_path, f"{section} subjects scored ({len(scored)}) are not exactly the split's "
+                                         f"{len(split[section])} {section} subjects of {split_file}")
+
+
+def _per_subject(metrics: dict, volumes: dict) -> dict:
+    """Per test subject: AUROC / AUPRC (None where undefined), Dice at the validation threshold."""
+    out = {}
+    for name, vol in volumes.items():
+        scores, tumour = vol["score"][vol["brain"]], vol["tumour"][vol["brain"]]
+        n_pos = int(tumour.sum())
+        both = 0 < n_pos < tumour.size
+        px = pixel_metrics(scores, tumour) if both else {}
+        out[name] = {"auroc": px.get("auroc"), "auprc": px.get("auprc"),
+                     "dice": metrics["test"]["per_subject_dice"][name], "tumour_voxels": n_pos}
+    return out
+
+
+def submission_row(run_dir, protocol: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """One leaderboard row for ``run_dir``, every number recomputed from its maps (see module doc).
+
+    ``protocol``: ``{"id", "hash", "dataset_dir", "split_file"}`` as the current protocol file says.
+    The row holds :data:`COLUMNS` plus ``"subjects"`` (per-test-subject values for the paired test).
+    """
+    from .evaluate import compute_metrics
+
+    run_dir = _check_run_dir(run_dir)
+    run_json = run_dir / "run.json"
+    run = _read_json(run_json, "run record")
+    row = {"row_id": uuid.uuid4().hex,
+           "method": check_method_name(_field(run, "method", run_json), run_json),
+           "protocol_id": _field(run, "protocol.id", run_json),
+           "protocol_hash": _field(run, "protocol.hash", run_json),
+           "dataset_fingerprint": _field(run, "dataset.fingerprint", run_json),
+           "split_fingerprint": _field(run, "split.fingerprint", run_json),
+           "config_hash": _field(run, "config_hash", run_json), "seed": _field(run, "seed", run_json),
+           "code_version": _field(run, "code_version", run_json), "hardware": run.get("hardware"),
+           "train_seconds": (run.get("timings") or {}).get("train_seconds"),
+           "inference_seconds": (run.get("timings") or {}).get("inference_seconds"),
+           "run_dir": str(run_dir)}
+    if isinstance(row["seed"], bool) or not isinstance(row["seed"], numbers.Integral):
+        raise InputError(run_json, f"seed must be an integer, got {row['seed']!r}")
+    for column, value in row.items():  # fail before the expensive part
+        _cell(column, value, run_json)
+    _check_provenance(run, run_json, run_dir, protocol)
+
+    metrics, _, volumes = compute_metrics(protocol["dataset_dir"], run_dir / "scores", row["method"],
+                                          n_boot=n_boot, seed=seed, progress=False)
+    test = metrics["test"]
+    for m in METRICS:
+        row[m] = test[m]
+        row[f"{m}_ci_low"], row[f"{m}_ci_high"] = test["ci95"][m]
+    row.update(dice_oracle=test["dice_oracle"], test_subjects=test["subjects"], n_boot=n_boot,
+               submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               subjects=_per_subject(metrics, volumes))
+    return {c: row[c] for c in [*COLUMNS, "subjects"]}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _subjects_dir(csv_path) -> Path:
+    csv_path = Path(csv_path)
+    return csv_path.with_name(csv_path.stem + ".subjects")
+
+
+def _read_rows(csv_path: Path) -> list[list[str]]:
+    """Raw cells of the existing data rows (kept byte for byte); checks the header."""
+    if not csv_path.exists():
+        return []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return []
+    if rows[0] != COLUMNS:
+        raise InputError(csv_path, f"not a leaderboard of this version (columns {rows[0][:4]}...)")
+    return rows[1:]
+
+
+def append_row(csv_path, row: dict) -> None:
+    """Append one row (its ``subjects`` go to the sidecar first), safe against concurrent writers."""
+    csv_path = Path(csv_path)
+    cells = _serialise(row)
+    key = [COLUMNS.index(c) for c in DUPLICATE_KEY]
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(csv_path) + ".lock", timeout=LOCK_TIMEOUT_S):
+            rows = _read_rows(csv_path)
+            for old in rows:
+                if [old[i] for i in key] == [cells[i] for i in key]:
+                    raise InputError(csv_path, f"{row['method']} (seed {row['seed']}) with this config, code version "
+                                               f"and protocol is already on the leaderboard (row {old[0]})")
+            if row.get("subjects") is not None:
+                write_json(_subjects_dir(csv_path) / f"{row['row_id']}.json",
+                           {"row_id": row["row_id"], "method": row["method"], "subjects": row["subjects"]})
+            with atomic_path(csv_path, suffix=".csv") as tmp:
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    writer = csv.writer(f, lineterminator="\n")
+                    writer.writerows([COLUMNS, *rows, cells])
+    except Timeout:
+        raise InputError(csv_path, f"still locked by another submitter after {LOCK_TIMEOUT_S} s") from None
+
+
+def submit(run_dir, csv_path, protocol: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Validate and recompute ``run_dir`` (:func:`submission_row`), append it; returns the row."""
+    row = submission_row(run_dir, protocol, n_boot=n_boot, seed=seed)
+    append_row(csv_path, row)
+    return row
+
+
+# ----------------------------------------------------------------------------- reading and ranking
+
+
+def read_leaderboard(csv_path) -> pd.DataFrame:
+    """All rows as stored (text cells keep their protective quote); numeric columns as numbers."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise InputError(csv_path, "leaderboard not found; submit a run first")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(csv_path, f"cannot be read as CSV ({err})") from None
+    if list(df.columns) != COLUMNS:
+        raise InputError(csv_path, f"not a leaderboard of this version (columns {list(df.columns)[:4]}...)")
+    for column in NUMERIC_COLUMNS:
+        try:
+            df[column] = pd.to_numeric(df[column].replace("", np.nan))
+        except ValueError as err:
+            raise InputError(csv_path, f"column {column}: {err}") from None
+    return df
+
+
+def _load_subjects(folder: Path, row_id: str) -> dict | None:
+    if not ROW_ID_PATTERN.fullmatch(str(row_id)):
+        return None
+    try:
+        return json.loads((folder / f"{row_id}.json").read_text())["subjects"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def paired_wilcoxon(a: dict, b: dict, metric: str) -> tuple[float, float, int]:
+    """(mean of a - b, two-sided signed-rank p, subjects) over subjects where both values exist."""
+    from scipy.stats import wilcoxon
+
+    common = sorted(s for s in set(a) & set(b) if a[s].get(metric) is not None and b[s].get(metric) is not None)
+    d = np.array([a[s][metric] - b[s][metric] for s in common], dtype=np.float64)
+    if d.size == 0:
+        return math.nan, math.nan, 0
+    if not np.any(d):
+        return 0.0, 1.0, d.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # few subjects: scipy warns, the p-value stays valid
+        p = float(wilcoxon(d, zero_method="wilcox").pvalue)
+    return float(d.mean()), p, int(d.size)
+
+
+def ranked_table(csv_path, protocol_id=None, metric: str = "auprc") -> pd.DataFrame:
+    """Rows sorted best-first by ``metric`` (ties: earlier submission first), with ``rank`` and, per
+    entry, the paired test against the best entry sharing its protocol, dataset and split:
+    ``top_row_id`` (the entry compared with; its own id for a top entry), ``diff_vs_top`` (mean
+    per-subject top - entry), ``p_vs_top``, ``paired_subjects`` and ``differs_from_top``
+    (p < 0.05; None for a top entry and where no test is possible)."""
+    if metric not in METRICS:
+        raise InputError("metric", f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    df = read_leaderboard(csv_path)
+    if protocol_id is not None:
+        df = df[df["protocol_id"] == protocol_id]
+    df = df.sort_values([metric, "submitted_at"], ascending=[False, True], kind="stable", na_position="last")
+    df = df.reset_index(drop=True)
+    df.insert(0, "rank", np.arange(1, len(df) + 1))
+    folder = _subjects_dir(csv_path)
+    subjects = {rid: _load_subjects(folder, rid) for rid in df["row_id"]}
+    tops: dict[tuple, str] = {}
+    tests = []
+    for _, row in df.iterrows():
+        top = tops.setdefault(tuple(row[c] for c in COMPARABLE), row["row_id"])
+        a, b = subjects[top], subjects[row["row_id"]]
+        if top == row["row_id"] or a is None or b is None:
+            tests.append((top, math.nan, math.nan, 0, None))
+            continue
+        diff, p, n = paired_wilcoxon(a, b, metric)
+        tests.append((top, diff, p, n, None if math.isnan(p) else bool(p < ALPHA)))
+    cols = ["top_row_id", "diff_vs_top", "p_vs_top", "paired_subjects", "differs_from_top"]
+    for i, col in enumerate(cols):
+        df[col] = pd.Series([t[i] for t in tests], index=df.index, dtype=object if col == "differs_from_top" else None)
+    return df
+
+
+# ----------------------------------------------------------------------------- display
+
+
+def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    def num(x):
+        return "" if pd.isna(x) else f"{x:.3f}"
+
+    def differs(row):
+        if row["top_row_id"] == row["row_id"]:
+            return "top"
+        if row["differs_from_top"] is None:
+            return "n/a"
+        return f"{'yes' if row['differs_from_top'] else 'no'} (p={row['p_vs_top']:.2g}, n={row['paired_subjects']})"
+
+    rows = [r for _, r in table.iterrows()]
+    return pd.DataFrame({
+        "rank": table["rank"].astype(str), "method": table["method"],
+        f"{metric} [95% CI]": [f"{num(r[metric])} [{num(r[metric + '_ci_low'])}, {num(r[metric + '_ci_high'])}]"
+                               for r in rows],
+        **{m: table[m].map(num) for m in (*METRICS, "dice_oracle") if m != metric},
+        f"differs from top (p<{ALPHA:g})": [differs(r) for r in rows],
+        "protocol": table["protocol_id"], "seed": table["seed"].map(lambda s: "" if pd.isna(s) else str(int(s))),
+        "code": table["code_version"], "submitted (UTC)": table["submitted_at"],
+    })
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    def cell(text) -> str:
+        return str(text).replace("\\", "\\\\").replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
+             "|" + "|".join("---" for _ in frame.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def show(csv_path, protocol_id=None, metric: str = "auprc", html_path=None) -> str:
+    """The ranked table as Markdown (returned); with ``html_path`` also written there as HTML."""
+    frame = _display(ranked_table(csv_path, protocol_id, metric), metric)
+    if html_path is not None:
+        title = html.escape(f"Leaderboard {protocol_id or ''} ranked by {metric}".replace("  ", " "))
+        body = frame.to_html(index=False, escape=True, border=0)
+        with atomic_path(html_path, suffix=".html") as tmp:
+            tmp.write_text(f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n"
+                           f"<body><h1>{title}</h1>\n{body}\n</body></html>\n", encoding="utf-8")
+    return _markdown(frame)

@@ -1,0 +1,115 @@
+"""Benchmark runner on a tiny protocol: run folders, skipping, leaderboard, exact reproducibility."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.benchmark import expand_methods, load_protocol, run_benchmark
+from pipeline.errors import InputError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_protocol(path: Path, dataset_dir: Path) -> Path:
+    protocol = {
+        "id": "tiny-v1",
+        "dataset": {"dir": str(dataset_dir)},
+        "split": {"seed": 1},
+        "bundle": {"image_size": 32, "pixdim": [4.0, 4.0, 4.0], "unet_channels": [32, 32, 32], "epochs": 1,
+                   "batch_size": 16, "num_workers": 1, "score_batch_size": 128},
+        "evaluation": {"bootstrap_resamples": 100},
+        "methods": [
+            {"name": "simplex", "noise": "simplex", "sampler": "ddim", "t_start": 20, "ddim_steps": 2},
+            {"name": "flair-baseline", "sampler": "flair"},
+        ],
+    }
+    path.write_text(yaml.safe_dump(protocol))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(synth_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    protocol = tiny_protocol(work / "tiny.yaml", synth_root)
+    runs = run_benchmark(protocol, work / "results", work / "leaderboard.csv", progress=False)
+    return work, protocol, runs
+
+
+def test_matrix_expands_with_readable_ids(tmp_path):
+    path = tmp_path / "matrix.yaml"
+    path.write_text(yaml.safe_dump({"id": "m", "dataset": {"dir": "d"}, "methods": [
+        {"name": "simplex", "noise": "simplex", "t_start": [100, 250], "seed": [0, 1]},
+        {"name": "flair-baseline", "sampler": "flair"}]}))
+    ids = [e["id"] for e in expand_methods(load_protocol(path))]
+    assert ids == ["simplex-t100-s0", "simplex-t100-s1", "simplex-t250-s0", "simplex-t250-s1", "flair-baseline-s0"]
+
+
+def test_run_folders_hold_everything(first_run):
+    work, _, runs = first_run
+    assert len(runs) == 2
+    for run in runs:
+        for name in ("run.json", "config.json", "environment.json", "scores/index.json", "evaluation/metrics.json",
+                     "evaluation/report.png"):
+            assert (run / name).is_file(), name
+        record = json.loads((run / "run.json").read_text())
+        assert record["protocol"]["id"] == "tiny-v1" and record["dataset"]["fingerprint"]
+        assert set(record["timings"]) == {"train_seconds", "inference_seconds"}
+    baseline = json.loads((runs[1] / "scores" / "index.json").read_text())["settings"]
+    assert baseline["sampler"] == "flair" and baseline["model_path"] is None
+    board = pd.read_csv(work / "leaderboard.csv")
+    assert sorted(board["method"]) == sorted(r.name for r in runs)
+
+
+def test_rerun_skips_finished_entries(first_run):
+    work, protocol, runs = first_run
+    stamps = {r: (r / "run.json").stat().st_mtime_ns for r in runs}
+    run_benchmark(protocol, work / "results", work / "leaderboard.csv", progress=False)
+    assert all((r / "run.json").stat().st_mtime_ns == stamps[r] for r in runs)
+    assert len(pd.read_csv(work / "leaderboard.csv")) == 2
+
+
+def test_same_seed_reproduces_metrics_exactly(first_run, tmp_path):
+    work, protocol, runs = first_run
+    again = run_benchmark(protocol, tmp_path / "results", tmp_path / "leaderboard.csv", progress=False)
+    for a, b in zip(runs, again):
+        first = json.loads((a / "evaluation" / "metrics.json").read_text())["test"]
+        second = json.loads((b / "evaluation" / "metrics.json").read_text())["test"]
+        assert first == second
+
+
+def test_cli_shows_the_leaderboard_and_refuses_a_tampered_dataset(first_run, dataset_copy, tmp_path):
+    work, protocol, runs = first_run
+    html = tmp_path / "board.html"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "leaderboard", "show", "--leaderboard",
+                             str(work / "leaderboard.csv"), "--html", str(html)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "flair-baseline" in result.stdout and "|" in result.stdout and html.is_file()
+    # a protocol that points at changed data is refused at submission
+    changed = yaml.safe_load(Path(protocol).read_text())
+    label = next((dataset_copy / "Task01_BrainTumour" / "labelsTr").glob("*.nii.gz"))
+    label.write_bytes(label.read_bytes() + b"\0")
+    changed["dataset"]["dir"] = str(dataset_copy)
+    other = tmp_path / "changed.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "leaderboard", "submit", str(runs[0]), "--protocol",
+                             str(other), "--leaderboard", str(tmp_path / "lb.csv")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_bad_protocol_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("id: x\nmethods: []\ndataset: {dir: d}\n")
+    with pytest.raises(InputError, match="non-empty"):
+        load_protocol(path)
+    path.write_text("id: x\nmethods: [{name: a}]\ndataset: {dir: d}\nsurprise: 1\n")
+    with pytest.raises(InputError, match="unknown keys"):
+        load_protocol(path)

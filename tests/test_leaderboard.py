@@ -1,0 +1,326 @@
+"""Leaderboard: recomputed numbers, provenance checks, CSV safety, concurrent appends, ranking.
+
+Run folders are faked without training: score maps written straight into each label's space
+(tumour indicator plus noise for a good method, noise only for a bad one) with the index.json
+that ``pipeline.score.score_split`` writes, and the run.json of the benchmark runner.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import shutil
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.atomic import write_json
+from pipeline.data import dataset_fingerprint, load_subjects, make_split
+from pipeline.errors import InputError
+from pipeline.evaluate import compute_metrics
+from pipeline.leaderboard import (COLUMNS, append_row, check_method_name, protocol_hash, ranked_table,
+                                  read_leaderboard, show, split_fingerprint, submission_row, submit)
+
+N_BOOT = 50
+PROTOCOL_CONTENT = {"id": "synthetic-test-v1", "dataset": "synthetic", "methods": ["good", "bad"], "seeds": [0]}
+
+
+def good_map(label, rng):
+    return (label > 0).astype(np.float32) + 0.3 * rng.random(label.shape, dtype=np.float32)
+
+
+def bad_map(label, rng):
+    return rng.random(label.shape, dtype=np.float32)
+
+
+def make_run(run_dir: Path, dataset_dir: Path, split: dict, protocol: dict, score_fn, method: str,
+             seed: int = 0, **run_fields) -> Path:
+    """A finished run folder: scores/<section>/<subject>_score.nii.gz + index.json, run.json, evaluation/."""
+    items = {item["subject"]: item for item in load_subjects(dataset_dir).data}
+    rng = np.random.default_rng(seed)
+    subjects = {}
+    for section in ("validation", "test"):
+        (run_dir / "scores" / section).mkdir(parents=True, exist_ok=True)
+        for name in split[section]:
+            label = nib.load(items[name]["label"])
+            score = score_fn(np.asarray(label.dataobj), rng)
+            nib.save(nib.Nifti1Image(score, label.affine), str(run_dir / "scores" / section / f"{name}_score.nii.gz"))
+            subjects[name] = {"section": section, "seconds": 0.1,
+                              "files": {"score": f"{section}/{name}_score.nii.gz"}}
+    write_json(run_dir / "scores" / "index.json", {"format": 1, "settings": {"sampler": "fake"}, "subjects": subjects})
+    write_json(run_dir / "evaluation" / "metrics.json", {"test": {"auroc": 0.999, "auprc": 0.999, "dice": 0.999}})
+    record = {"method": method, "entry": {"kind": "fake"},
+              "protocol": {"id": protocol["id"], "hash": protocol["hash"]},
+              "dataset": {"dir": str(dataset_dir), "fingerprint": dataset_fingerprint(dataset_dir)},
+              "split": {"file": protocol["split_file"], "fingerprint": split_fingerprint(split)},
+              "config_hash": "c0ffee" * 4, "seed": seed, "code_version": "0.1.0", "hardware": "cpu (test)",
+              "timings": {"train_seconds": 12.5, "inference_seconds": 4.25}, "created": "2025-01-01T00:00:00+00:00"}
+    record.update(run_fields)
+    write_json(run_dir / "run.json", record)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def bench(synth_root, tmp_path_factory):
+    """Split file, protocol and three run folders (good, an identical copy of good, bad)."""
+    root = tmp_path_factory.mktemp("bench")
+    items = load_subjects(synth_root).data
+    tumour = {it["subject"] for it in items if np.asarray(nib.load(it["label"]).dataobj).any()}
+    for split_seed in range(100):  # validation and test both need tumour and healthy subjects
+        split = make_split([it["subject"] for it in items], (0.25, 0.25, 0.5), seed=split_seed)
+        if all(0 < len(tumour & set(split[s])) < len(split[s]) for s in ("validation", "test")):
+            break
+    write_json(root / "split.json", split)
+    protocol = {"id": PROTOCOL_CONTENT["id"], "hash": protocol_hash(PROTOCOL_CONTENT),
+                "dataset_dir": str(synth_root), "split_file": str(root / "split.json")}
+    runs = {name: make_run(root / "runs" / name, synth_root, split, protocol, fn, name)
+            for name, fn in (("good", good_map), ("bad", bad_map))}
+    runs["good-copy"] = root / "runs" / "good-copy"
+    shutil.copytree(runs["good"], runs["good-copy"])
+    record = json.loads((runs["good-copy"] / "run.json").read_text())
+    write_json(runs["good-copy"] / "run.json", {**record, "method": "good-copy"})
+    return {"root": root, "split": split, "protocol": protocol, "runs": runs, "tumour": tumour}
+
+
+def fake_row(method="m", seed=0, metric=0.5, subjects=None, **fields) -> dict:
+    row = {c: None for c in COLUMNS}
+    row.update(row_id=uuid.uuid4().hex, method=method, protocol_id="p1", protocol_hash="h1", dataset_fingerprint="d1",
+               split_fingerprint="s1", config_hash="c1", seed=seed, code_version="v1", hardware="cpu",
+               submitted_at="2025-01-01T00:00:00+00:00", run_dir="/runs/x", test_subjects=10, n_boot=10)
+    for m in ("auroc", "auprc", "dice"):
+        row.update({m: metric, f"{m}_ci_low": metric - 0.1, f"{m}_ci_high": metric + 0.1})
+    row.update(subjects=subjects, **fields)
+    return row
+
+
+def raw_rows(csv_path) -> list[dict]:
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprints_are_canonical():
+    split = {"train": ["b", "a"], "validation": ["c"], "test": ["e", "d"], "seed": 3}
+    assert split_fingerprint(split) == split_fingerprint({"test": ["d", "e"], "validation": ["c"], "train": ["a", "b"]})
+    assert split_fingerprint(split) != split_fingerprint({**split, "test": ["d"]})
+    assert protocol_hash({"a": 1, "b": [1, 2]}) == protocol_hash({"b": [1, 2], "a": 1}) != protocol_hash({"a": 2})
+    with pytest.raises(InputError, match="lists"):
+        split_fingerprint({"train": ["a"]})
+
+
+# ----------------------------------------------------------------------------- submission
+
+
+def test_submission_recomputes_numbers_and_ignores_tampered_metrics(bench, tmp_path):
+    csv_path = tmp_path / "lb.csv"
+    run = bench["runs"]["good"]
+    row = submit(run, csv_path, bench["protocol"], n_boot=N_BOOT)
+    expected, _, _ = compute_metrics(bench["protocol"]["dataset_dir"], run / "scores", n_boot=N_BOOT, progress=False)
+    for m in ("auroc", "auprc", "dice"):
+        assert row[m] == expected["test"][m] != 0.999
+        assert [row[f"{m}_ci_low"], row[f"{m}_ci_high"]] == expected["test"]["ci95"][m]
+    assert row["dice_oracle"] == expected["test"]["dice_oracle"]
+    assert row["protocol_hash"] == bench["protocol"]["hash"] and row["run_dir"] == str(run.resolve())
+    assert set(row["subjects"]) == set(bench["split"]["test"])
+    for name, values in row["subjects"].items():
+        assert (values["auprc"] is None) == (name not in bench["tumour"])
+
+    stored = read_leaderboard(csv_path)  # numbers round-trip exactly
+    assert len(stored) == 1 and stored.loc[0, "auroc"] == row["auroc"] and stored.loc[0, "seed"] == 0
+    assert stored.loc[0, "train_seconds"] == 12.5 and stored.loc[0, "submitted_at"].endswith("+00:00")
+    sidecar = json.loads((tmp_path / "lb.subjects" / f"{row['row_id']}.json").read_text())
+    assert sidecar["subjects"] == row["subjects"]
+    with pytest.raises(InputError, match="already on the leaderboard"):
+        submit(run, csv_path, bench["protocol"], n_boot=N_BOOT)
+
+
+def test_changed_dataset_is_refused(bench, dataset_copy):
+    label = next((dataset_copy / "Task01_BrainTumour" / "labelsTr").glob("*.nii.gz"))
+    label.write_bytes(label.read_bytes() + b"\0")  # size changes -> fingerprint changes
+    protocol = {**bench["protocol"], "dataset_dir": str(dataset_copy)}
+    with pytest.raises(InputError, match="dataset fingerprint") as err:
+        submission_row(bench["runs"]["good"], protocol, n_boot=N_BOOT)
+    assert err.value.source.endswith("run.json")
+
+
+@pytest.mark.parametrize("change, message", [({"hash": "0" * 64}, "protocol hash"),
+                                             ({"id": "other-protocol"}, "protocol id")])
+def test_other_protocol_is_refused(bench, change, message):
+    with pytest.raises(InputError, match=message) as err:
+        submission_row(bench["runs"]["good"], {**bench["protocol"], **change}, n_boot=N_BOOT)
+    assert err.value.source.endswith("run.json")
+
+
+def test_other_split_or_missing_test_subjects_are_refused(bench, tmp_path):
+    moved = bench["split"]["test"][0]
+    split = dict(bench["split"], test=bench["split"]["test"][1:], train=bench["split"]["train"] + [moved])
+    write_json(tmp_path / "split.json", split)
+    with pytest.raises(InputError, match="split fingerprint"):
+        submission_row(bench["runs"]["good"], {**bench["protocol"], "split_file": str(tmp_path / "split.json")})
+
+    run = tmp_path / "run"
+    shutil.copytree(bench["runs"]["good"], run)
+    index = json.loads((run / "scores" / "index.json").read_text())
+    del index["subjects"][bench["split"]["test"][0]]  # drop a (hard?) test patient
+    write_json(run / "scores" / "index.json", index)
+    with pytest.raises(InputError, match="test subjects scored") as err:
+        submission_row(run, bench["protocol"])
+    assert err.value.source.endswith("index.json")
+
+
+# ----------------------------------------------------------------------------- CSV safety
+
+
+def test_formula_like_text_is_neutralised_numbers_are_not(bench, tmp_path):
+    csv_path = tmp_path / "lb.csv"
+    run = make_run(tmp_path / "run", Path(bench["protocol"]["dataset_dir"]), bench["split"], bench["protocol"],
+                   good_map, "flair-baseline", hardware="=cmd|' /C calc'!A0", code_version="@SUM(A1)",
+                   config_hash="-2+3")
+    submit(run, csv_path, bench["protocol"], n_boot=N_BOOT)
+    append_row(csv_path, fake_row(seed=-1, hardware="\tx", code_version="+1", train_seconds=-0.5))
+    first, second = raw_rows(csv_path)
+    assert first["hardware"] == "'=cmd|' /C calc'!A0" and first["code_version"] == "'@SUM(A1)"
+    assert first["config_hash"] == "'-2+3" and first["method"] == "flair-baseline"
+    assert second["hardware"] == "'\tx" and second["code_version"] == "'+1"
+    assert second["seed"] == "-1" and second["train_seconds"] == "-0.5"  # numbers stay numbers
+    assert read_leaderboard(csv_path)["seed"].tolist() == [0, -1]
+
+
+@pytest.mark.parametrize("field, value", [("hardware", "gpu\n=1+1"), ("code_version", "v1\r"),
+                                          ("run_dir", "/runs/a\x00b"), ("config_hash", "a\u2028b"),
+                                          ("row_id", "../../etc"), ("seed", "0"), ("auroc", float("inf"))])
+def test_bad_fields_are_refused(tmp_path, field, value):
+    with pytest.raises(InputError, match=field):
+        append_row(tmp_path / "lb.csv", fake_row(**{field: value}))
+    assert not (tmp_path / "lb.csv").exists()
+
+
+def test_run_folder_with_newline_or_bad_method_is_refused(bench, tmp_path):
+    with pytest.raises(InputError, match="line break"):
+        submission_row(tmp_path / "run\nx", bench["protocol"])
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json(run / "run.json", {"method": "../evil", "protocol": {"id": "x", "hash": "y"}})
+    with pytest.raises(InputError, match="method name") as err:
+        submission_row(run, bench["protocol"])
+    assert err.value.source.endswith("run.json")
+
+
+@pytest.mark.parametrize("name", ["simplex-ddim-t250-s0", "flair-baseline", "gaussian-ddpm-t200", "AnoDDPM_v2.1+ema",
+                                  "0", "x" * 80])
+def test_runner_method_names_are_accepted(name):
+    assert check_method_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "=cmd", "-x", "+x", "@x", ".hidden", "a/b", "a\\b", "..", "a b", "a\nb",
+                                  "x" * 81, "é", None, 3])
+def test_bad_method_names_are_refused(name):
+    with pytest.raises(InputError, match="method name"):
+        check_method_name(name)
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+
+def _submitter(csv_path: str, worker: int, count: int) -> None:
+    for k in range(count):
+        append_row(csv_path, fake_row(method=f"w{worker}", seed=k, subjects={"s": {"auprc": 0.5}},
+                                      hardware=f"=worker {worker}, row {k}"))
+
+
+def test_concurrent_submitters_lose_no_row(tmp_path):
+    csv_path = str(tmp_path / "lb.csv")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_submitter, args=(csv_path, w, 25)) for w in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 8
+    df = read_leaderboard(csv_path)
+    assert len(df) == 200 and df["row_id"].is_unique
+    assert sorted(zip(df["method"], df["seed"])) == sorted((f"w{w}", k) for w in range(8) for k in range(25))
+    assert len(pd.read_csv(csv_path)) == 200
+    assert len(list((tmp_path / "lb.subjects").glob("*.json"))) == 200
+    assert not list(tmp_path.glob(".lb.csv.*"))  # no temporary file left behind
+
+
+def test_foreign_csv_is_refused(tmp_path):
+    csv_path = tmp_path / "lb.csv"
+    csv_path.write_text("name,score\nx,1\n")
+    with pytest.raises(InputError, match="not a leaderboard"):
+        append_row(csv_path, fake_row())
+    with pytest.raises(InputError, match="not a leaderboard"):
+        read_leaderboard(csv_path)
+    with pytest.raises(InputError, match="not found"):
+        read_leaderboard(tmp_path / "missing.csv")
+
+
+# ----------------------------------------------------------------------------- ranking and display
+
+
+def _subjects(values):
+    return {f"s{i}": {"auroc": v, "auprc": v, "dice": v} for i, v in enumerate(values)}
+
+
+@pytest.fixture
+def board(tmp_path):
+    rng = np.random.default_rng(0)
+    top = rng.uniform(0.6, 0.9, size=10)
+    csv_path = tmp_path / "lb.csv"
+    rows = {"worse": fake_row("worse", metric=0.45, subjects=_subjects(top - rng.uniform(0.1, 0.3, size=10))),
+            "top": fake_row("top", metric=0.75, subjects=_subjects(top)),
+            "same": fake_row("same", metric=0.75, subjects=_subjects(top), submitted_at="2025-02-01T00:00:00+00:00"),
+            "noisy": fake_row("noisy", metric=0.74, subjects=_subjects(top + rng.normal(0, 0.05, size=10))),
+            "other": fake_row("other", metric=0.9, protocol_id="p2", protocol_hash="h2", subjects=_subjects(top))}
+    for row in rows.values():
+        append_row(csv_path, row)
+    return csv_path
+
+
+def test_ranked_table_orders_and_tests_against_the_top(board):
+    table = ranked_table(board, protocol_id="p1", metric="auprc")
+    assert table["method"].tolist() == ["top", "same", "noisy", "worse"]  # tie: earlier submission first
+    assert table["rank"].tolist() == [1, 2, 3, 4]
+    by = table.set_index("method")
+    assert by.loc["top", "differs_from_top"] is None
+    assert by.loc["same", "differs_from_top"] is False and by.loc["same", "p_vs_top"] == 1.0
+    assert by.loc["worse", "differs_from_top"] is True and by.loc["worse", "p_vs_top"] < 0.01
+    assert by.loc["worse", "diff_vs_top"] > 0.1 and by.loc["worse", "paired_subjects"] == 10
+    assert by.loc["noisy", "differs_from_top"] is False
+
+    everything = ranked_table(board, metric="dice").set_index("method")
+    assert everything.index[0] == "other"  # another protocol: ranked, but never tested against p1 entries
+    assert everything.loc["other", "top_row_id"] == everything.loc["other", "row_id"]
+    assert everything.loc["same", "top_row_id"] == everything.loc["top", "row_id"]
+    with pytest.raises(InputError, match="unknown metric"):
+        ranked_table(board, metric="accuracy")
+
+
+def test_real_submissions_rank_and_few_patients_are_not_overclaimed(bench, tmp_path):
+    csv_path = tmp_path / "lb.csv"
+    for name in ("bad", "good", "good-copy"):
+        submit(bench["runs"][name], csv_path, bench["protocol"], n_boot=N_BOOT)
+    table = ranked_table(csv_path, metric="auprc").set_index("method")
+    assert table.index.tolist()[-1] == "bad" and table.loc["good", "auprc"] == table.loc["good-copy", "auprc"]
+    assert table["differs_from_top"].tolist()[1:] == [False, False]  # < 6 tumour test patients: p >= 1/16
+    assert table.loc["bad", "p_vs_top"] >= 0.05 and table.loc["bad", "diff_vs_top"] > 0
+
+
+def test_show_gives_markdown_and_html(board, tmp_path):
+    html_path = tmp_path / "out" / "board.html"
+    text = show(board, protocol_id="p1", metric="auroc", html_path=html_path)
+    lines = text.splitlines()
+    assert lines[0].startswith("| rank | method | auroc [95% CI] |") and "differs from top (p<0.05)" in lines[0]
+    assert set(lines[1]) <= set("|-") and len(lines) == 2 + 4
+    assert lines[2].startswith("| 1 | top | 0.750 [0.650, 0.850] |") and "| top |" in lines[2]
+    assert "yes (p=" in lines[-1] and "| worse |" in lines[-1]
+    page = html_path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table" in page and "worse" in page
