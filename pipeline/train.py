@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Sequence
+from unittest import mock
 
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
 from monai.engines import DiffusionPrepareBatch
 from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets import diffusion_model_unet as _dmu
 from monai.networks.schedulers import DDPMScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -59,6 +62,26 @@ def diffusion_unet(
         attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
         num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
     )
+
+
+def traced_diffusion_unet(image_size: int, in_channels: int = 1, **kwargs) -> torch.jit.ScriptModule:
+    """:func:`diffusion_unet` traced to TorchScript, for ``python -m monai.bundle ckpt_export``.
+
+    DiffusionModelUNet cannot be scripted (MONAI's attention and upsample blocks), and
+    ckpt_export's ``--use_trace`` feeds the network one tensor while the UNet takes ``(x, timesteps)``.
+    Exporting with ``--network_def#_target_ pipeline.train.traced_diffusion_unet`` makes
+    ``network_def`` this traced module instead; ckpt_export loads the checkpoint into it (same
+    parameter names) and saves it. The timestep embedding is scripted inside the trace, so no device
+    is baked into the exported model; batch size stays free.
+    """
+    net = diffusion_unet(image_size, in_channels, **kwargs).eval()
+    x = torch.zeros(1, int(in_channels), int(image_size), int(image_size))
+    timesteps = torch.zeros(1, dtype=torch.long)
+    embedding = torch.jit.script(_dmu.get_timestep_embedding)  # traced, torch.arange would pin the device
+    with torch.no_grad(), warnings.catch_warnings(), mock.patch.object(_dmu, "get_timestep_embedding", embedding):
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # GroupNorm's batch-size check only
+        # check_trace would trace twice more to compare; tests/test_export.py compares outputs instead
+        return torch.jit.trace(net, (x, timesteps), check_trace=False)
 
 
 def make_scheduler(schedule: str = "linear", num_train_timesteps: int = 1000,
