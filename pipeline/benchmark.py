@@ -68,7 +68,7 @@ def expand_methods(protocol: dict) -> list[dict]:
     for method in protocol["methods"]:
         if not isinstance(method, dict) or "name" not in method:
             raise InputError(protocol["path"], f"every method needs a 'name', got {method!r}")
-        varying = {k: v for k, v in method.items() if k in MATRIX_KEYS and isinstance(v, list)}
+        varying = {k: method[k] for k in MATRIX_KEYS if isinstance(method.get(k), list)}  # fixed order
         fixed = {k: v for k, v in method.items() if k not in varying}
         for values in itertools.product(*varying.values()):
             entry = {**fixed, **dict(zip(varying, values))}

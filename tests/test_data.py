@@ -80,7 +80,7 @@ def test_cache_is_reused(prepared, synth_root):
 def test_four_channels_and_other_sizes(synth_root, tmp_path, channels, size):
     cfg = PreprocessConfig(modalities=channels, image_size=size, pixdim=(4.0, 4.0, 4.0))
     prepared = prepare_data(synth_root, tmp_path / "split.json", tmp_path / "cache", cfg, workers=1, progress=False)
-    assert SliceDataset(prepared.cache_dir)[0]["image"].shape == (4, size, size)
+    assert SliceDataset(prepared.cache_dir)[0]["image"].shape == (len(channels), size, size)
 
 
 # ------------------------------------------------------------------------------------------------
