@@ -37,11 +37,12 @@ def main() -> None:
     model = load_model(get("network"), args.model_path)
     scheduler, noise, device = get("scheduler"), get("noise_generator"), get("device")
     items = {item["subject"]: item for item in load_subjects(args.dataset_dir).data}
-    subjects = [items[s] for s in split["test"][: args.subjects]]
+    with_tumour = [s for s in split["test"] if (np.asarray(nib.load(items[s]["label"]).dataobj) > 0).any()]
+    subjects = [items[s] for s in with_tumour[: args.subjects]]  # AUPRC needs tumour voxels
     transform = preprocess_transforms(preprocess)
     settings = [("AnoDDPM (DDPM every step)", "ddpm", 0), ("DDIM k=10", "ddim", 10), ("DDIM k=25", "ddim", 25)]
     print(f"machine: {machine()}")
-    print(f"model {args.model_path}, {len(subjects)} test subjects, t_L={args.t_start}, noise {args.noise}")
+    print(f"model {args.model_path}, {len(subjects)} test subjects with tumour, t_L={args.t_start}, noise {args.noise}")
     print(f"{'setting':<28} {'network calls':>13} {'s/subject':>10} {'AUPRC':>7} {'AUROC':>7}")
     for name, sampler, steps in settings:
         acc, seconds = ScoreAccumulator(), []

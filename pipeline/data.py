@@ -451,7 +451,7 @@ class _Preprocessed(Dataset):
         try:
             out = self.transform(dict(item))
         except Exception as err:  # noqa: BLE001 - converted to InputError below
-            return {"subject": item["subject"], "error": _blame(item, err)}
+            return {"subject": item["subject"], "error": describe_failure(item, err)}
         healthy = healthy_slice_indices(out["brain"], out["tumour"], self.min_brain_fraction)
         image = out["image"].as_tensor() if hasattr(out["image"], "as_tensor") else out["image"]
         slices = image[..., healthy].permute(3, 0, 1, 2).contiguous().numpy().astype(np.float32)
@@ -459,7 +459,7 @@ class _Preprocessed(Dataset):
                 "depth": int(image.shape[-1])}
 
 
-def _blame(item: dict, err: Exception) -> str:
+def describe_failure(item: dict, err: Exception) -> str:
     """Turn any failure on one subject into 'file: problem', re-reading files only on this path."""
     found = find_input_error(err)
     if found is None:

@@ -34,7 +34,7 @@ from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, atomic_path, write_json
-from .data import SECTIONS, PreprocessConfig, _blame, load_subjects, preprocess_transforms
+from .data import SECTIONS, PreprocessConfig, describe_failure, load_subjects, preprocess_transforms
 from .errors import InputError
 from .noise import NoiseGenerator
 from .train import load_checkpoint, load_state
@@ -237,7 +237,7 @@ def preprocess_subject(item: dict, transform) -> dict:
     try:
         return transform(dict(item))
     except Exception as err:  # noqa: BLE001 - converted to InputError naming the file
-        raise InputError(None, _blame(item, err)) from None
+        raise InputError(None, describe_failure(item, err)) from None
 
 
 def _slices(volume: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

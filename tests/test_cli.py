@@ -1,0 +1,101 @@
+"""The command line as the README uses it: every README command names a real subcommand, and the
+main commands run end to end on tiny data through the CLI itself."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.cli import build_parser
+
+REPO = Path(__file__).resolve().parent.parent
+README = (REPO / "README.md").read_text()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    lines = [ln.strip() for block in blocks for ln in block.replace("\\\n", " ").splitlines()]
+    commands = []
+    for line in lines:
+        for part in line.split("&&"):
+            part = part.split("#")[0].strip()
+            if part.startswith("pipeline "):
+                commands.append(part)
+    return commands
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    first = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).strip().splitlines()
+    assert first[0].startswith('pip install torch==2.13.0 -e ".[test]" && pipeline benchmark')
+    assert first[1] == 'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q'
+    assert "python -m pytest -q" in (REPO / ".ci" / "run").read_text()
+
+
+def test_every_readme_pipeline_command_parses():
+    parser = build_parser()
+    commands = readme_commands()
+    assert len(commands) >= 8
+    for command in commands:
+        args, extra = parser.parse_known_args(command.split()[1:])
+        assert args.func is not None, command
+        assert not extra or getattr(args, "bundle", False), command
+
+
+def test_help_lists_every_subcommand():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for name in ("synth", "prepare", "train", "score", "evaluate", "benchmark", "leaderboard"):
+        assert name in result.stdout
+
+
+def test_wrong_arguments_give_usage_errors():
+    result = run_cli("synth")
+    assert result.returncode == 2 and "--out" in result.stderr
+    result = run_cli("frobnicate")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+    result = run_cli("train", "--noise")
+    assert result.returncode == 2 and "--key value" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    result = run_cli("synth", "--out", str(root / "data"), "--healthy", "2", "--tumour", "4", "--seed", "3",
+                     "--spacing", "4", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (root / "data" / "Task01_BrainTumour" / "dataset.json").is_file()
+    return root
+
+
+def test_score_and_evaluate_commands(tiny_data):
+    settings = ["--dataset_dir", str(tiny_data / "data"), "--output_dir", str(tiny_data / "out"), "--image_size", "32",
+                "--pixdim", "[4.0,4.0,4.0]", "--sampler", "flair", "--progress", "false", "--bootstrap_resamples", "50"]
+    result = run_cli("score", *settings)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli("evaluate", *settings)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tiny_data / "out" / "evaluation" / "metrics.json").read_text())
+    assert metrics["method"] == "FLAIR-intensity baseline"
+
+
+def test_benchmark_command_prints_the_leaderboard(tiny_data):
+    protocol = tiny_data / "protocol.yaml"
+    protocol.write_text(yaml.safe_dump({
+        "id": "cli-tiny", "dataset": {"dir": str(tiny_data / "data")},
+        "bundle": {"image_size": 32, "pixdim": [4.0, 4.0, 4.0]},
+        "evaluation": {"bootstrap_resamples": 50},
+        "methods": [{"name": "flair-baseline", "sampler": "flair"}]}))
+    result = run_cli("benchmark", str(protocol), "--results", str(tiny_data / "results"), "--leaderboard",
+                     str(tiny_data / "lb.csv"), "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| 1 | flair-baseline-s0 |" in result.stdout
