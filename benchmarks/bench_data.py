@@ -4,7 +4,7 @@
 - preprocessing volumes per minute (DecathlonDataset + transforms into the slice cache),
 - cached-slice loader throughput in slices/s at 64x64 (target: >= 1,000 on 2 cores).
 
-    python benchmarks/bench_data.py [--subjects 6] [--workdir /tmp/bench_data]
+    python benchmarks/bench_data.py [--subjects 6] [--workdir DIR]
 """
 
 from __future__ import annotations
