@@ -5,13 +5,18 @@ Uses the bundle's own objects (network, scheduler, noise, preprocessing) and the
 the README's `pipeline train` (bundles/brats_diffusion_anomaly/models/model.pt) unless told otherwise.
 AUPRC is pooled over the brain voxels of the same test subjects for every setting.
 
-    python benchmarks/bench_score.py [--subjects 2] [--t-start 250] [--model-path PATH] [--dataset-dir DIR]
+Then, in the same run, the metric cost at 10^8 voxels against scikit-learn (benchmarks/bench_metrics.py).
+
+    python benchmarks/bench_score.py [--subjects 1] [--t-start 250] [--model-path PATH] [--metric-voxels 1e8]
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -25,7 +30,8 @@ from pipeline.score import load_model, score_subject
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subjects", type=int, default=2, help="test subjects scored by every setting")
+    parser.add_argument("--subjects", type=int, default=1, help="test subjects (with tumour) scored by every setting")
+    parser.add_argument("--metric-voxels", type=float, default=1e8, help="0 skips the metric benchmark")
     parser.add_argument("--t-start", type=int, default=250)
     parser.add_argument("--model-path", default=str(BUNDLE_DIR / "models" / "model.pt"))
     parser.add_argument("--dataset-dir", default="data/synthetic")
@@ -56,6 +62,10 @@ def main() -> None:
             acc.add(item["subject"], result.score[brain], label[brain])
         calls = args.t_start + 1 if sampler == "ddpm" else steps
         print(f"{name:<28} {calls:>13} {np.mean(seconds):10.1f} {acc.auprc():7.3f} {acc.auroc():7.3f}", flush=True)
+    if args.metric_voxels:
+        print("\nmetric computation (exact AUROC + AUPRC):", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_metrics.py")), "--voxels",
+                        str(args.metric_voxels)], check=True)
 
 
 if __name__ == "__main__":
