@@ -1,18 +1,21 @@
-"""Scoring cost and quality on one trained model, in one run: seconds per subject and AUPRC for
-the AnoDDPM protocol (DDPM over every step from t_L) and for DDIM at k = 10 and k = 25.
+"""Scoring cost and quality on one trained model, in one run: seconds per subject and validation
+AUPRC for the AnoDDPM protocol (DDPM over every step from t_L), DDIM k=10 and the fast sampler (x0:
+one network call per slice).
 
-Uses the bundle's own objects (network, scheduler, noise, preprocessing) and the model trained by
-the README's `pipeline train` (bundles/brats_diffusion_anomaly/models/model.pt) unless told otherwise.
-AUPRC is pooled over the brain voxels of the same test subjects for every setting.
+The model and every setting come from a benchmark protocol's first diffusion entry (the model the
+benchmark trained, under results/<protocol id>/models/); AUPRC is pooled over the brain voxels of the
+same validation subjects with a tumour for every sampler. Seconds per subject are reported whole
+(preprocessing, reconstruction, map, inversion) and for the reconstruction alone.
 
 Then, in the same run, the metric cost at 10^8 voxels against scikit-learn (benchmarks/bench_metrics.py).
 
-    python benchmarks/bench_score.py [--subjects 1] [--t-start 250] [--model-path PATH] [--metric-voxels 1e8]
+    python benchmarks/bench_score.py [--protocol configs/benchmark/default.yaml] [--subjects 2] [--metric-voxels 1e8]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import time
@@ -20,52 +23,86 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from common import machine
 
-from pipeline.bundle import BUNDLE_DIR, make_workflow
+from pipeline.benchmark import _score_settings, _train_settings, config_hash, expand_methods, is_baseline, load_protocol
+from pipeline.bundle import make_workflow
 from pipeline.data import load_subjects, preprocess_transforms
 from pipeline.metrics import ScoreAccumulator
-from pipeline.score import load_model, score_subject
+from pipeline.score import load_model, noise_streams, reconstruct, score_subject
+
+
+def _workflow(protocol: dict, results: Path):
+    entry = next(e for e in expand_methods(protocol) if not is_baseline(e))
+    train = _train_settings(protocol, entry)
+    model_dir = results / "models" / config_hash(train)
+    if not (model_dir / "model.pt").is_file():
+        raise SystemExit(f"error: {model_dir}: no trained model; run `pipeline benchmark {protocol['path']}` first")
+    root = protocol["dataset"]["dir"]
+    flow = make_workflow("inference", **train, **_score_settings(protocol, entry), dataset_dir=root,
+                         split_file=str(results / "split.json"), cache_dir=str(results / "cache"),
+                         model_path=str(model_dir / "model.pt"), progress=False)
+    return entry, flow
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subjects", type=int, default=1, help="test subjects (with tumour) scored by every setting")
+    parser.add_argument("--protocol", default="configs/benchmark/default.yaml")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--subjects", type=int, default=2, help="validation subjects with a tumour, scored by every sampler")
     parser.add_argument("--metric-voxels", type=float, default=1e8, help="0 skips the metric benchmark")
-    parser.add_argument("--t-start", type=int, default=250)
-    parser.add_argument("--model-path", default=str(BUNDLE_DIR / "models" / "model.pt"))
-    parser.add_argument("--dataset-dir", default="data/synthetic")
-    parser.add_argument("--noise", default="simplex", help="noise the model was trained with")
     args = parser.parse_args()
-    flow = make_workflow("inference", dataset_dir=args.dataset_dir, noise=args.noise, progress=False)
+    protocol = load_protocol(args.protocol)
+    entry, flow = _workflow(protocol, Path(args.results) / protocol["id"])
     get = flow.parser.get_parsed_content
-    split, preprocess = get("prepared").split, get("preprocess")
-    model = load_model(get("network"), args.model_path)
+    base, preprocess = get("score_settings"), get("preprocess")
+    model = load_model(get("network"), get("model_path"))
     scheduler, noise, device = get("scheduler"), get("noise_generator"), get("device")
-    items = {item["subject"]: item for item in load_subjects(args.dataset_dir).data}
-    with_tumour = [s for s in split["test"] if (np.asarray(nib.load(items[s]["label"]).dataobj) > 0).any()]
-    subjects = [items[s] for s in with_tumour[: args.subjects]]  # AUPRC needs tumour voxels
+    items = {item["subject"]: item for item in load_subjects(protocol["dataset"]["dir"]).data}
+    sick = [s for s in get("prepared").split["validation"] if (np.asarray(nib.load(items[s]["label"]).dataobj) > 0).any()]
+    subjects = [items[s] for s in sick[: args.subjects]]
     transform = preprocess_transforms(preprocess)
-    settings = [("AnoDDPM (DDPM every step)", "ddpm", 0), ("DDIM k=10", "ddim", 10), ("DDIM k=25", "ddim", 25)]
+    t = base.levels[0]
+    settings = [("AnoDDPM (DDPM every step)", dataclasses.replace(base, sampler="ddpm", t_start=t), t + 1),
+                ("DDIM k=10", dataclasses.replace(base, sampler="ddim", t_start=t, ddim_steps=10), 10),
+                ("fast sampler (x0, 1 call)", dataclasses.replace(base, sampler="x0", t_start=t), 1)]
     print(f"machine: {machine()}")
-    print(f"model {args.model_path}, {len(subjects)} test subjects with tumour, t_L={args.t_start}, noise {args.noise}")
-    print(f"{'setting':<28} {'network calls':>13} {'s/subject':>10} {'AUPRC':>7} {'AUROC':>7}")
-    for name, sampler, steps in settings:
-        acc, seconds = ScoreAccumulator(), []
+    print(f"protocol {protocol['id']}, entry {entry['id']}: {len(subjects)} validation subjects with tumour, t_L={t}, "
+          f"residual_norm={base.residual_norm} (off here: no calibration), median_3d={base.median_3d}")
+    print(f"{'sampler':<28} {'calls/slice':>11} {'s/subject':>10} {'recon s/subject':>16} {'AUPRC':>7} {'AUROC':>7}")
+    rows = {}
+    for name, setting, calls in settings:
+        setting = dataclasses.replace(setting, residual_norm="none", min_component_voxels=0)
+        acc, seconds, recon_seconds = ScoreAccumulator(), [], []
         for item in subjects:
             start = time.perf_counter()
-            result = score_subject(item, transform, model, scheduler, noise, sampler, args.t_start,
-                                   max(steps, 1), 1, 64, device)
+            result = score_subject(item, transform, model, scheduler, noise, setting, device)
             seconds.append(time.perf_counter() - start)
+            recon_seconds.append(_reconstruction_seconds(model, result.grid, scheduler, noise, setting, item["subject"]))
             label = np.asarray(nib.load(item["label"]).dataobj) > 0
             brain = (np.asarray(nib.load(item["image"]).dataobj) != 0).any(axis=-1)
             acc.add(item["subject"], result.score[brain], label[brain])
-        calls = args.t_start + 1 if sampler == "ddpm" else steps
-        print(f"{name:<28} {calls:>13} {np.mean(seconds):10.1f} {acc.auprc():7.3f} {acc.auroc():7.3f}", flush=True)
+        rows[name] = np.mean(seconds)
+        print(f"{name:<28} {calls:>11} {np.mean(seconds):10.2f} {np.mean(recon_seconds):16.3f} {acc.auprc():7.3f} "
+              f"{acc.auroc():7.3f}", flush=True)
+    ddpm, fast = rows[settings[0][0]], rows[settings[2][0]]
+    print(f"fast sampler vs AnoDDPM, whole subject: {ddpm / fast:.1f}x faster")
     if args.metric_voxels:
         print("\nmetric computation (exact AUROC + AUPRC):", flush=True)
         subprocess.run([sys.executable, str(Path(__file__).with_name("bench_metrics.py")), "--voxels",
                         str(args.metric_voxels)], check=True)
+
+
+def _reconstruction_seconds(model, grid: dict, scheduler, noise, setting, subject: str) -> float:
+    """Time of the sampler alone on the subject's brain slices (one batch per ``score_batch_size``)."""
+    z = np.nonzero(grid["brain"][0].any(axis=(0, 1)))[0]
+    x_all = torch.from_numpy(np.moveaxis(grid["image"][..., z], -1, 0).copy()).float()
+    streams = noise_streams(noise, subject, setting)
+    start = time.perf_counter()
+    for i in range(0, len(x_all), setting.batch_size):
+        reconstruct(model, x_all[i:i + setting.batch_size], scheduler, streams, setting)
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

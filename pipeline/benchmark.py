@@ -29,7 +29,13 @@ from .errors import InputError
 from .leaderboard import protocol_hash, split_fingerprint
 
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
-MATRIX_KEYS = ("noise", "sampler", "t_start", "ddim_steps", "n_draws", "seed")
+MATRIX_KEYS = ("noise", "prediction_type", "schedule", "learning_rate", "batch_size", "train_steps", "ema_decay",
+               "train_patch_size", "sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "residual_norm",
+               "median_3d", "min_component_voxels", "seed")
+SCORE_KEYS = ("sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "score_batch_size", "map_reduce",
+              "residual_norm", "erode_iters", "median_size", "median_3d", "min_component_voxels", "component_quantile")
+"""Bundle settings that change only how a trained model scores: entries differing only in these share a model."""
+ENTRY_KEYS = ("name", "id")
 BASELINE = "flair"
 PACKAGES = ("torch", "monai", "numpy", "nibabel", "scikit-learn", "pandas", "opensimplex", "numba",
             "pytorch-ignite", "brain-diffusion-anomaly")
@@ -39,8 +45,26 @@ PACKAGES = ("torch", "monai", "numpy", "nibabel", "scikit-learn", "pandas", "ope
 # protocol
 
 
-def load_protocol(path: str | os.PathLike) -> dict:
-    """Read and check a protocol file; adds ``hash`` (of its content) and ``path``."""
+def apply_overrides(content: dict, overrides: dict | None, source) -> dict:
+    """Set dotted keys (``dataset.dir``, ``bundle.image_size``, ``evaluation.sections``) in a protocol.
+
+    The overridden protocol hashes differently, so its runs never pass for the file's own.
+    """
+    content = json.loads(json.dumps(content))  # deep copy of plain YAML data
+    for dotted, value in (overrides or {}).items():
+        *parents, last = str(dotted).split(".")
+        node = content
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise InputError(source, f"override {dotted!r}: {key!r} is not a section of the protocol")
+            node = node[key]
+        node[last] = value
+    return content
+
+
+def load_protocol(path: str | os.PathLike, overrides: dict | None = None) -> dict:
+    """Read and check a protocol file (with optional dotted-key ``overrides``); adds ``hash`` (of the
+    content actually used) and ``path``."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "protocol file not found")
@@ -50,6 +74,7 @@ def load_protocol(path: str | os.PathLike) -> dict:
         raise InputError(path, f"malformed YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(content, dict):
         raise InputError(path, "a protocol must be a mapping")
+    content = apply_overrides(content, overrides, path)
     unknown = sorted(set(content) - PROTOCOL_KEYS)
     missing = sorted({"id", "dataset", "methods"} - set(content))
     if unknown or missing:
@@ -81,11 +106,18 @@ def expand_methods(protocol: dict) -> list[dict]:
     return entries
 
 
+SHORT_NAMES = {"t_start": "t", "ddim_steps": "k", "n_draws": "d", "seed": "s", "learning_rate": "lr",
+               "batch_size": "b", "train_steps": "n", "patch_size": "p", "train_patch_size": "tp", "median_3d": "m3d",
+               "min_component_voxels": "cc", "ema_decay": "ema"}
+
+
 def _entry_id(entry: dict, varying: dict) -> str:
+    """``name-<short><value>...``; a list value (a t_L ensemble) is written joined by '+'."""
     parts = [str(entry["name"])]
     for key in varying:
-        short = {"t_start": "t", "ddim_steps": "k", "n_draws": "d", "seed": "s"}.get(key, "")
-        parts.append(f"{short}{entry[key]}")
+        value = entry[key]
+        value = "+".join(str(v) for v in value) if isinstance(value, list) else value
+        parts.append(f"{SHORT_NAMES.get(key, '')}{value}")
     if "seed" not in varying:
         parts.append(f"s{entry['seed']}")
     return "-".join(parts)
@@ -155,8 +187,15 @@ def ensure_dataset(protocol: dict, progress: bool = True) -> Path:
 
 def _train_settings(protocol: dict, entry: dict) -> dict:
     """What the model depends on (not how it is scored): entries sharing these share a model."""
-    return {**protocol.get("bundle", {}), "noise": entry.get("noise", "gaussian"), "seed": entry["seed"],
-            **{k: v for k, v in entry.items() if k in ("schedule", "prediction_type", "epochs")}}
+    bundle = {k: v for k, v in protocol.get("bundle", {}).items() if k not in SCORE_KEYS}
+    own = {k: v for k, v in entry.items() if k not in SCORE_KEYS and k not in ENTRY_KEYS}
+    return {**bundle, "noise": "gaussian", **own}
+
+
+def _score_settings(protocol: dict, entry: dict) -> dict:
+    bundle = {k: v for k, v in protocol.get("bundle", {}).items() if k in SCORE_KEYS}
+    sections = protocol.get("evaluation", {}).get("sections", ["validation", "test"])
+    return {**bundle, **{k: v for k, v in entry.items() if k in SCORE_KEYS}, "score_sections": sections}
 
 
 def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, progress: bool = True) -> Path:
@@ -170,7 +209,7 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
     train = _train_settings(protocol, entry)
     model_dir = results / "models" / ("none" if is_baseline(entry) else config_hash(train))
     train_seconds = 0.0 if is_baseline(entry) else _train_once(model_dir, train, shared, run_dir)
-    score = {k: entry[k] for k in ("sampler", "t_start", "ddim_steps", "n_draws") if k in entry}
+    score = _score_settings(protocol, entry)
     settings = {**train, **score, **shared, "output_dir": str(run_dir), "ckpt_dir": str(model_dir),
                 "scores_dir": str(run_dir / "scores"), "evaluation_dir": str(run_dir / "evaluation"),
                 "method_name": entry["id"], "bootstrap_resamples": protocol.get("evaluation", {}).get("bootstrap_resamples", 1000)}
@@ -209,11 +248,12 @@ def _train_once(model_dir: Path, train: dict, shared: dict, run_dir: Path) -> fl
 
 
 def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLike = "results",
-                  leaderboard: str | os.PathLike | None = None, progress: bool = True) -> list[Path]:
+                  leaderboard: str | os.PathLike | None = None, progress: bool = True,
+                  overrides: dict | None = None) -> list[Path]:
     """Run every entry of the protocol; submit new runs to ``leaderboard`` (if given)."""
     from .leaderboard import submit
 
-    protocol = load_protocol(protocol_path)
+    protocol = load_protocol(protocol_path, overrides)
     entries = expand_methods(protocol)
     results = Path(results_dir) / protocol["id"]
     dataset_root = ensure_dataset(protocol, progress)
@@ -224,10 +264,15 @@ def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLi
         print(f"[{i}/{len(entries)}] {entry['id']}: {'already done' if done else 'running'}", flush=True)
         run_dir = run_entry(protocol, entry, results, dataset_root, progress)
         runs.append(run_dir)
-        if leaderboard is not None and not done:
+        if leaderboard is not None and not done and not validation_only(protocol):
             submit(run_dir, leaderboard, protocol_for_submission(protocol, results),
                    n_boot=protocol.get("evaluation", {}).get("bootstrap_resamples", 1000))
     return runs
+
+
+def validation_only(protocol: dict) -> bool:
+    """Study protocols score validation subjects only; their runs never reach the leaderboard."""
+    return "test" not in protocol.get("evaluation", {}).get("sections", ["test"])
 
 
 def protocol_for_submission(protocol: dict, results: Path) -> dict:

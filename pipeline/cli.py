@@ -76,12 +76,31 @@ def _run_torchrun(workflow: str, nproc: int, overrides: dict) -> None:
 
 
 def _cmd_benchmark(args) -> None:
-    from .benchmark import load_protocol, run_benchmark
+    from .benchmark import load_protocol, run_benchmark, validation_only
     from .leaderboard import show
 
-    runs = run_benchmark(args.protocol, args.results, args.leaderboard, progress=not args.quiet)
-    print(f"{len(runs)} runs under {Path(args.results) / load_protocol(args.protocol)['id']}")
-    print(show(args.leaderboard, protocol_id=load_protocol(args.protocol)["id"]))
+    overrides = parse_assignments(args.set)
+    protocol = load_protocol(args.protocol, overrides)
+    runs = run_benchmark(args.protocol, args.results, args.leaderboard, progress=not args.quiet, overrides=overrides)
+    print(f"{len(runs)} runs under {Path(args.results) / protocol['id']}")
+    if validation_only(protocol):
+        print("validation-only study protocol: nothing submitted; table: python benchmarks/study_table.py "
+              f"{Path(args.results) / protocol['id']}")
+        return
+    print(show(args.leaderboard, protocol_id=protocol["id"]))
+
+
+def parse_assignments(items: list[str] | None) -> dict:
+    """``KEY=VALUE`` strings (values read as YAML) -> {dotted key: value}."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError("--set", f"expects KEY=VALUE (e.g. dataset.dir=data/msd), got {item!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def _cmd_submit(args) -> None:
@@ -164,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("protocol", help="protocol file, e.g. configs/benchmark/default.yaml")
     p.add_argument("--results", default="results", help="results root (default results/)")
     p.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD, help=f"CSV (default {DEFAULT_LEADERBOARD})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a protocol value by dotted key, e.g. --set dataset.dir=data/msd --set bundle.train_steps=100")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_benchmark)
 

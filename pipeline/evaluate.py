@@ -4,6 +4,9 @@ The protocol (design notes, "Evaluation protocol"): brain voxels of the original
 whole tumour (label > 0) as positives; the Dice threshold is chosen on validation subjects and
 applied to test subjects (the honest number); the best Dice over thresholds on test is reported
 too, labelled as the oracle. Binary masks at the chosen threshold are written beside the maps.
+Beside the pixel numbers: subject-level detection AUROC, false-positive volume (ml) on healthy test
+subjects at the validation threshold, and reconstruction quality pooled from the ``recon`` records
+the score stage leaves in index.json (None for an index written before it did).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from tqdm.auto import tqdm
 from .atomic import atomic_dir, atomic_path, write_json
 from .data import load_subjects
 from .errors import InputError
-from .metrics import ScoreAccumulator, auroc, roc_pr_curves, slice_labels, slice_scores
+from .metrics import (SUBJECT_SCORE_PERCENTILE, ScoreAccumulator, auroc, false_positive_ml, reconstruction_figures,
+                      roc_pr_curves, slice_labels, slice_scores, subject_detection_auroc, subject_score)
 from .report import write_report
 from .score import read_index
 
@@ -50,13 +54,18 @@ def load_subject_maps(item: dict, score_path: Path) -> dict:
     return {"score": score.astype(np.float32), "tumour": label > 0, "brain": brain, "affine": affine}
 
 
+def _section_names(index: dict, scores_dir: Path, section: str) -> list[str]:
+    names = sorted(s for s, row in index["subjects"].items() if row["section"] == section)
+    if not names:
+        raise InputError(scores_dir / "index.json", f"no {section} subjects were scored")
+    return names
+
+
 def _accumulate(index: dict, scores_dir: Path, by_subject: dict, section: str, progress: bool):
     """Pool one section's brain voxels; also keep slice scores for slice-level AUROC."""
     acc = ScoreAccumulator()
     slice_s, slice_l, volumes = [], [], {}
-    names = sorted(s for s, row in index["subjects"].items() if row["section"] == section)
-    if not names:
-        raise InputError(scores_dir / "index.json", f"no {section} subjects were scored")
+    names = _section_names(index, scores_dir, section)
     for name in tqdm(names, desc=f"evaluate {section}", unit="subject", disable=not progress):
         if name not in by_subject:
             raise InputError(scores_dir / "index.json", f"subject {name} is not in the dataset")
@@ -78,7 +87,9 @@ def compute_metrics(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLik
     scores_dir = Path(scores_dir)
     index = read_index(scores_dir)
     by_subject = {item["subject"]: item for item in load_subjects(dataset_dir).data}
-    val, _, _, _ = _accumulate(index, scores_dir, by_subject, "validation", progress)
+    val, _, _, val_volumes = _accumulate(index, scores_dir, by_subject, "validation", progress)
+    if not has_test(index):
+        return validation_only_metrics(index, scores_dir, val, val_volumes, method), val, val_volumes
     test, s_scores, s_labels, volumes = _accumulate(index, scores_dir, by_subject, "test", progress)
     threshold = val.best_dice()[1]
     summary = test.summary(threshold)
@@ -95,12 +106,56 @@ def compute_metrics(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLik
             "slice_auroc": _slice_auroc(s_scores, s_labels),
             "ci95": {k: list(v) for k, v in intervals.items()},
             "bootstrap": {"resamples": n_boot, "seed": seed, "unit": "patient"},
+            **_subject_level(volumes, threshold),
+            "reconstruction": _reconstruction(index, scores_dir, "test"),
         },
-        "validation": {"subjects": len(val), "best_dice": val.best_dice()[0], "threshold": threshold},
+        "validation": {"subjects": len(val), "best_dice": val.best_dice()[0], "threshold": threshold,
+                       "reconstruction": _reconstruction(index, scores_dir, "validation")},
         "notes": "dice uses the threshold chosen on validation subjects; dice_oracle is the best Dice over "
                  "thresholds on test itself (an oracle, not an achievable number).",
     }
     return metrics, test, volumes
+
+
+def has_test(index: dict) -> bool:
+    return any(row.get("section") == "test" for row in index["subjects"].values())
+
+
+def validation_only_metrics(index: dict, scores_dir: Path, val, volumes: dict, method: str) -> dict:
+    """Metrics of a study run that scored validation subjects only (choosing a method must not look
+    at test): pixel AUROC / AUPRC, the best Dice over thresholds (an oracle on validation, labelled
+    so), subject-level figures and reconstruction quality. No ``test`` block is written."""
+    dice, threshold = val.best_dice()
+    summary = val.summary(threshold)
+    return {
+        "method": method or describe_method(index.get("settings", {})), "settings": index.get("settings", {}),
+        "test": None,
+        "validation": {"subjects": len(val), "auroc": summary["auroc"], "auprc": summary["auprc"],
+                       "best_dice": dice, "threshold": threshold, "brain_voxels": summary["voxels"],
+                       "tumour_voxels": summary["positives"], **_subject_level(volumes, threshold),
+                       "reconstruction": _reconstruction(index, scores_dir, "validation")},
+        "notes": "validation-only study run: best_dice is tuned on validation itself (an oracle); no test subject "
+                 "was scored.",
+    }
+
+
+def _subject_level(volumes: dict, threshold: float) -> dict:
+    """Per-patient figures pooled pixel AUROC hides: detection of tumour subjects, false alarms on healthy ones."""
+    has_tumour = {name: bool(vol["tumour"].any()) for name, vol in volumes.items()}
+    scores = {name: subject_score(vol["score"], vol["brain"]) for name, vol in volumes.items()}
+    fp_ml = {name: false_positive_ml(vol["score"], vol["brain"], threshold, vol["affine"])
+             for name, vol in volumes.items() if not has_tumour[name]}
+    return {"subject_auroc": subject_detection_auroc(scores, has_tumour),
+            "subject_score_percentile": SUBJECT_SCORE_PERCENTILE,
+            "healthy_subjects": len(fp_ml), "tumour_subjects": len(volumes) - len(fp_ml),
+            "false_positive_ml_healthy": float(np.mean(list(fp_ml.values()))) if fp_ml else None,
+            "false_positive_ml_per_healthy_subject": fp_ml}
+
+
+def _reconstruction(index: dict, scores_dir: Path, section: str) -> dict:
+    """Pooled reconstruction quality of one section from the ``recon`` records of index.json."""
+    records = [index["subjects"][name].get("recon") for name in _section_names(index, scores_dir, section)]
+    return reconstruction_figures(records, source=scores_dir / "index.json")
 
 
 def describe_method(settings: dict) -> str:
@@ -120,6 +175,10 @@ def evaluate_scores(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLik
     Everything lands in ``out_dir`` atomically (a failure leaves no partial results).
     """
     metrics, test, volumes = compute_metrics(dataset_dir, scores_dir, method, n_boot, seed, progress)
+    if metrics["test"] is None:  # validation-only study run: numbers only
+        with atomic_dir(Path(out_dir)) as tmp:
+            write_json(tmp / "metrics.json", metrics)
+        return metrics
     threshold = metrics["test"]["dice_threshold_from_validation"]
     per_subject = metrics["test"]["per_subject_dice"]
     out_dir = Path(out_dir)

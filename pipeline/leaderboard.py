@@ -13,7 +13,8 @@ file rewritten to a temporary file that replaces the CSV (``os.replace``), so co
 submitters never lose a row and readers never see half a file. Spreadsheet safety (OWASP
 "CSV injection"): a text cell starting with ``= + - @``, tab or carriage return is stored with a
 leading ``'``; numbers are written as numbers. Line breaks and control characters are refused in
-every text field, method names must match :data:`METHOD_PATTERN`.
+every text field, method names must match :data:`METHOD_PATTERN`. A CSV written before the
+:data:`ADDED_COLUMNS` existed still reads (those cells empty) and is upgraded on its next append.
 
 Paired test over patients. Beside ``<name>.csv`` lives ``<name>.subjects/<row_id>.json`` with
 per-test-subject AUROC, AUPRC (``null`` for a subject without tumour or without healthy voxels,
@@ -59,6 +60,9 @@ COLUMNS = [
     "auprc", "auprc_ci_low", "auprc_ci_high",
     "dice", "dice_ci_low", "dice_ci_high",  # threshold chosen on validation subjects (the honest number)
     "dice_oracle",  # best Dice over thresholds on test itself (an oracle, not achievable)
+    "subject_auroc",  # tumour vs healthy test subjects, each scored by the 99th percentile of its map
+    "fp_ml_healthy",  # mean false-positive ml per healthy test subject at the validation threshold
+    "healthy_residual", "residual_ratio", "psnr", "ssim",  # reconstruction quality on validation subjects
     "test_subjects", "n_boot",
     "train_seconds", "inference_seconds", "hardware",
     "submitted_at",  # UTC, ISO 8601
@@ -66,8 +70,16 @@ COLUMNS = [
 ]
 """CSV columns, in file order."""
 
+ADDED_COLUMNS = {"subject_auroc": "test.subject_auroc", "fp_ml_healthy": "test.false_positive_ml_healthy",
+                 "healthy_residual": "validation.reconstruction.healthy_residual",
+                 "residual_ratio": "validation.reconstruction.residual_ratio",
+                 "psnr": "validation.reconstruction.psnr", "ssim": "validation.reconstruction.ssim"}
+"""Columns added after the first CSVs were written (-> their place in metrics.json). A CSV without
+them still reads (empty cells) and gains them, empty for the old rows, on its next append."""
+
 NUMERIC_COLUMNS = frozenset({"seed", "test_subjects", "n_boot", "train_seconds", "inference_seconds",
-                             "dice_oracle"} | {f"{m}{s}" for m in METRICS for s in ("", "_ci_low", "_ci_high")})
+                             "dice_oracle", *ADDED_COLUMNS}
+                            | {f"{m}{s}" for m in METRICS for s in ("", "_ci_low", "_ci_high")})
 
 METHOD_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,79}")
 """Method names: a letter or digit, then up to 79 of letters, digits, ``. _ + -`` (no paths, no spaces)."""
@@ -261,6 +273,7 @@ def submission_row(run_dir, protocol: dict, n_boot: int = 1000, seed: int = 0) -
     for m in METRICS:
         row[m] = test[m]
         row[f"{m}_ci_low"], row[f"{m}_ci_high"] = test["ci95"][m]
+    row.update({column: _field(metrics, dotted, run_dir) for column, dotted in ADDED_COLUMNS.items()})
     row.update(dice_oracle=test["dice_oracle"], test_subjects=test["subjects"], n_boot=n_boot,
                submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                subjects=_per_subject(metrics, volumes))
@@ -275,17 +288,25 @@ def _subjects_dir(csv_path) -> Path:
     return csv_path.with_name(csv_path.stem + ".subjects")
 
 
+def _column_positions(header: list[str], source) -> list[int | None]:
+    """Where each of :data:`COLUMNS` sits in ``header`` (None: an older CSV without that added column)."""
+    if header != [c for c in COLUMNS if c in header] or set(COLUMNS) - set(header) - set(ADDED_COLUMNS):
+        raise InputError(source, f"not a leaderboard of this version (columns {header[:4]}...)")
+    return [header.index(c) if c in header else None for c in COLUMNS]
+
+
 def _read_rows(csv_path: Path) -> list[list[str]]:
-    """Raw cells of the existing data rows (kept byte for byte); checks the header."""
+    """Raw cells of the existing data rows (kept byte for byte) in :data:`COLUMNS` order; checks the header."""
     if not csv_path.exists():
         return []
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     if not rows:
         return []
-    if rows[0] != COLUMNS:
-        raise InputError(csv_path, f"not a leaderboard of this version (columns {rows[0][:4]}...)")
-    return rows[1:]
+    positions = _column_positions(rows[0], csv_path)
+    if any(len(r) != len(rows[0]) for r in rows[1:]):
+        raise InputError(csv_path, f"a row does not have the header's {len(rows[0])} cells")
+    return [["" if i is None else r[i] for i in positions] for r in rows[1:]]
 
 
 def append_row(csv_path, row: dict) -> None:
@@ -331,8 +352,8 @@ def read_leaderboard(csv_path) -> pd.DataFrame:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise InputError(csv_path, f"cannot be read as CSV ({err})") from None
-    if list(df.columns) != COLUMNS:
-        raise InputError(csv_path, f"not a leaderboard of this version (columns {list(df.columns)[:4]}...)")
+    _column_positions(list(df.columns), csv_path)
+    df = df.reindex(columns=COLUMNS, fill_value="")
     for column in NUMERIC_COLUMNS:
         try:
             df[column] = pd.to_numeric(df[column].replace("", np.nan))
@@ -400,10 +421,15 @@ def ranked_table(csv_path, protocol_id=None, metric: str = "auprc") -> pd.DataFr
 
 # ----------------------------------------------------------------------------- display
 
+ADDED_DISPLAY = {"subject_auroc": ("subject AUROC", ".3f"), "fp_ml_healthy": ("FP ml healthy", ".2f"),
+                 "healthy_residual": ("val residual", ".4f"), "residual_ratio": ("val tumour/healthy", ".2f"),
+                 "psnr": ("val PSNR", ".2f"), "ssim": ("val SSIM", ".3f")}
+"""Header and format of the added columns in the ranked table (blank where a row lacks them)."""
+
 
 def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    def num(x):
-        return "" if pd.isna(x) else f"{x:.3f}"
+    def num(x, spec=".3f"):
+        return "" if pd.isna(x) else format(x, spec)
 
     def differs(row):
         if row["top_row_id"] == row["row_id"]:
@@ -418,6 +444,7 @@ def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
         f"{metric} [95% CI]": [f"{num(r[metric])} [{num(r[metric + '_ci_low'])}, {num(r[metric + '_ci_high'])}]"
                                for r in rows],
         **{m: table[m].map(num) for m in (*METRICS, "dice_oracle") if m != metric},
+        **{label: [num(x, spec) for x in table[c]] for c, (label, spec) in ADDED_DISPLAY.items()},
         f"differs from top (p<{ALPHA:g})": [differs(r) for r in rows],
         "protocol": table["protocol_id"], "seed": table["seed"].map(lambda s: "" if pd.isna(s) else str(int(s))),
         "code": table["code_version"], "submitted (UTC)": table["submitted_at"],

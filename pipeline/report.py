@@ -80,4 +80,28 @@ def _summary_text(metrics: dict) -> str:
              f"Dice*  {t['dice_oracle']:.3f}  (oracle, test-tuned)"]
     if t.get("slice_auroc") is not None:
         lines.append(f"slice AUROC {t['slice_auroc']:.3f}")
-    return "\n".join(lines)
+    return "\n".join(lines + _subject_lines(t) + _recon_lines(metrics["validation"].get("reconstruction") or {}))
+
+
+def _num(value, spec: str) -> str:
+    """Formatted number, or "n/a" where the figure is undefined or was not recorded."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def _subject_lines(t: dict) -> list[str]:
+    """Per-patient detection and false alarms: what pooled pixel AUROC hides."""
+    if "subject_auroc" not in t:
+        return []
+    return [f"subject AUROC {_num(t['subject_auroc'], '.3f')} (p{t['subject_score_percentile']:g})",
+            f"  {t['healthy_subjects']} healthy / {t['tumour_subjects']} tumour",
+            f"FP healthy {_num(t['false_positive_ml_healthy'], '.2f')} ml/subject"]
+
+
+def _recon_lines(recon: dict) -> list[str]:
+    """Validation reconstruction quality: did the model learn healthy anatomy (threshold-free)?"""
+    if recon.get("healthy_residual") is None:
+        return []
+    return ["val reconstruction:",
+            f"  healthy residual {_num(recon['healthy_residual'], '.4f')}",
+            f"  tumour/healthy {_num(recon['residual_ratio'], '.2f')}",
+            f"  PSNR {_num(recon['psnr'], '.1f')} SSIM {_num(recon['ssim'], '.3f')}"]

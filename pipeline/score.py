@@ -3,14 +3,14 @@
 A slice is noised to step ``t_L`` and denoised back to 0 by a model trained only on healthy
 slices; what the model cannot reproduce (a tumour it "heals") shows up in ``|x - reconstruction|``.
 
-* Samplers are plain functions on a batch of slices ``x0`` (B, C, H, W) in [0, 1], k-diffusion
-  style: :func:`ddpm_reconstruct` (every step, the AnoDDPM protocol) and :func:`ddim_reconstruct`
-  (deterministic, a few steps).
-* Timesteps use MONAI's indexing: ``add_noise(x0, eps, t)`` gives ``x_t`` with ``alphas_cumprod[t]``
-  and ``scheduler.step(..., t, ...)`` goes from ``x_t`` to ``x_{t-1}``, ``x_{-1}`` being the clean image.
-  So DDPM from ``t_L`` runs ``t_L + 1`` network evaluations (steps ``t_L, ..., 0``).
-* Noise is seeded per subject and draw (from the run's seed and the subject id), so a subject
-  scores the same alone or inside a split, in any order.
+* Samplers live in :mod:`pipeline.samplers` (one plain function each), residual post-processing in
+  :mod:`pipeline.postprocess`; this module runs them over subjects and writes the results.
+* All settings of how a map is made are one :class:`ScoreSettings` (the bundle builds it).
+* Noise is seeded per subject, noise level and draw (from the run's seed and the subject id), so
+  a subject scores the same alone or inside a split, in any order.
+* Healthy calibration: residual normalisation and the small-component filter need to know what
+  residuals look like on healthy tissue; they are measured on the healthy slices of the
+  validation subjects (the slice cache), never on test.
 * Maps are built on the preprocessed grid, then put back into the original image space by
   inverting the preprocessing (``monai.transforms.Invertd``) and saved with the input's affine.
 """
@@ -21,167 +21,237 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
+from monai.metrics import PSNRMetric, SSIMMetric
 from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, atomic_path, write_json
-from .data import SECTIONS, PreprocessConfig, describe_failure, load_subjects, preprocess_transforms
+from .data import SECTIONS, PreprocessConfig, SliceDataset, describe_failure, load_subjects
+from .data import preprocess_transforms
 from .errors import InputError
 from .noise import NoiseGenerator
+from .postprocess import (RESIDUAL_NORMS, HealthyResidualStats, erode, median_filter, median_filter_3d,
+                          remove_small_components)
+from .samplers import (Model, ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, noise_to,  # noqa: F401 (re-export)
+                       patched_reconstruct, predict_x0_eps, x0_reconstruct)
 from .train import load_checkpoint, load_state
 
-SAMPLERS = ("ddim", "ddpm", "flair")
+SAMPLERS = ("x0", "ddim", "ddpm", "patched", "flair")
 BASELINE = "flair"  # FLAIR-intensity threshold baseline (Meissen et al. 2021): no model, map = intensity
 REDUCTIONS = ("max", "mean")
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 REPORT_SLICES = 4
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# ----------------------------------------------------------------------------------------------
+# settings
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InputError(name, f"must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How an anomaly map is made, checked once when built.
+
+    ``sampler``: ``x0`` (the fast sampler: one call, the model's x0 prediction from x_t),
+    ``ddim`` (``ddim_steps`` calls; 1 computes the same as ``x0``),
+    ``ddpm`` (AnoDDPM, every step), ``patched`` (pDDPM: one ``patch_size`` patch noised at a time,
+    DDIM in ``ddim_steps`` calls) or ``flair`` (the baseline: map = FLAIR intensity, no model).
+    ``t_start``: one noise level or several (a t_L ensemble: residuals averaged over levels and
+    ``n_draws`` noise draws). Map: channel residuals -> optional healthy-residual z-score
+    (``residual_norm``) -> reduce over channels -> eroded brain mask -> 2D median -> 3D median
+    (``median_3d``, 1 = off) -> small components (< ``min_component_voxels``) above the
+    ``component_quantile`` of healthy validation maps clamped away.
+    """
+
+    sampler: str = "ddim"
+    t_start: int | tuple[int, ...] = 250
+    ddim_steps: int = 10
+    n_draws: int = 1
+    patch_size: int | None = None
+    batch_size: int = 64
+    erode_iters: int = 1
+    median_size: int = 3
+    median_3d: int = 1
+    reduce: str = "max"
+    residual_norm: str = "none"
+    min_component_voxels: int = 0
+    component_quantile: float = 0.99
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise InputError("sampler", f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        levels = self.t_start if isinstance(self.t_start, (list, tuple)) else [self.t_start]
+        if not levels:
+            raise InputError("t_start", "needs at least one noise level")
+        object.__setattr__(self, "t_start", tuple(_check_int("t_start", t, 1) for t in levels)
+                           if isinstance(self.t_start, (list, tuple)) else _check_int("t_start", self.t_start, 1))
+        for name, low in (("ddim_steps", 1), ("n_draws", 1), ("batch_size", 1), ("erode_iters", 0),
+                          ("median_3d", 1), ("min_component_voxels", 0)):
+            _check_int("score_batch_size" if name == "batch_size" else name, getattr(self, name), low)
+        if self.patch_size is not None:
+            _check_int("patch_size", self.patch_size, 1)
+        elif self.sampler == "patched":
+            raise InputError("patch_size", "the patched sampler needs a patch size in pixels")
+        for name in ("median_size", "median_3d"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1 or value % 2 == 0:
+                raise InputError(name, f"must be an odd integer >= 1, got {value!r}")
+        if self.reduce not in REDUCTIONS:
+            raise InputError("map_reduce", f"unknown channel reduction {self.reduce!r}; choose one of {', '.join(REDUCTIONS)}")
+        if self.residual_norm not in RESIDUAL_NORMS:
+            raise InputError("residual_norm", f"unknown normalisation {self.residual_norm!r}; "
+                                              f"choose one of {', '.join(RESIDUAL_NORMS)}")
+        if not 0 < float(self.component_quantile) < 1:
+            raise InputError("component_quantile", f"must be in (0, 1), got {self.component_quantile!r}")
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return self.t_start if isinstance(self.t_start, tuple) else (self.t_start,)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.sampler != BASELINE and (self.residual_norm != "none" or self.min_component_voxels > 1)
+
+    def check_levels(self, num_train_timesteps: int) -> None:
+        if max(self.levels) > num_train_timesteps - 1:
+            raise InputError("t_start", f"must be in [1, {num_train_timesteps - 1}] (num_train_timesteps="
+                                        f"{num_train_timesteps}), got {max(self.levels)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["t_start"] = list(self.levels) if isinstance(self.t_start, tuple) else self.t_start
+        return d
 
 
 # ----------------------------------------------------------------------------------------------
-# samplers
+# residuals and maps
 
 
-def _timesteps(t: int, x: torch.Tensor) -> torch.Tensor:
-    return torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+def draw_seed(base_seed: int, subject: str, draw: int) -> int:
+    """Seed for one subject and noise draw: independent of which other subjects are scored."""
+    digest = hashlib.sha256(f"{int(base_seed)}:{subject}:{int(draw)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def noise_to(x0: torch.Tensor, t_start: int, scheduler, noise: torch.Tensor) -> torch.Tensor:
-    """Forward-diffuse clean slices to step ``t_start`` in one jump (q(x_t | x_0))."""
-    return scheduler.add_noise(x0, noise, _timesteps(t_start, x0))
+def _reconstruct(model: Model, x: torch.Tensor, t_start: int, scheduler, noise: NoiseGenerator,
+                 generator: torch.Generator, settings: ScoreSettings) -> torch.Tensor:
+    if settings.sampler == "ddpm":
+        return ddpm_reconstruct(model, x, t_start, scheduler, noise, generator)
+    if settings.sampler == "x0":
+        return x0_reconstruct(model, x, t_start, scheduler, noise)
+    if settings.sampler == "patched":
+        return patched_reconstruct(model, x, t_start, scheduler, noise, settings.ddim_steps, settings.patch_size)
+    return ddim_reconstruct(model, x, t_start, scheduler, noise, settings.ddim_steps)
 
 
-def predict_x0_eps(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0_hat, eps_hat) from the network output, whichever target (epsilon, x0, v) it was trained on.
+def noise_streams(noise_generator: NoiseGenerator, key: str, settings: ScoreSettings,
+                  device: str | torch.device = "cpu") -> list[tuple[int, NoiseGenerator, torch.Generator]]:
+    """One (noise level, noise generator, torch generator) per level and draw, seeded from ``key``.
 
-    x0_hat is clipped like ``DDPMScheduler.step`` does, so both samplers treat the model alike.
+    Every level of a t_L ensemble reuses the draw's seed (common random numbers), so levels differ
+    only by how far they noise. The streams advance over the batches of one subject.
     """
-    abar = float(scheduler.alphas_cumprod[t])
-    a, s = abar**0.5, (1.0 - abar) ** 0.5
-    kind = scheduler.prediction_type
-    if kind == "epsilon":
-        eps = model_output
-        x0 = (x_t - s * eps) / a
-    elif kind == "sample":
-        x0 = model_output
-        eps = (x_t - a * x0) / s
-    elif kind == "v_prediction":
-        x0 = a * x_t - s * model_output
-        eps = s * x_t + a * model_output
-    else:
-        raise InputError("prediction_type", f"unknown prediction type {kind!r}")
-    if getattr(scheduler, "clip_sample", False):
-        x0 = x0.clamp(*scheduler.clip_sample_values)
-    return x0, eps
+    streams = []
+    for t in settings.levels:
+        for d in range(settings.n_draws):
+            seed = draw_seed(noise_generator.seed, key, d)
+            streams.append((t, noise_generator.with_seed(seed), torch.Generator(device=device).manual_seed(seed)))
+    return streams
 
 
-def _noise(noise_generator: NoiseGenerator, x0: torch.Tensor) -> torch.Tensor:
-    return noise_generator(tuple(x0.shape), device=x0.device, dtype=x0.dtype)
+def reconstruct(model: Model | None, x: torch.Tensor, scheduler, streams, settings: ScoreSettings,
+                flair_channel: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-channel residual |x - recon| averaged over noise levels and draws, mean reconstruction).
 
-
-@torch.inference_mode()
-def ddpm_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler, noise_generator: NoiseGenerator,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """AnoDDPM: noise to ``t_start``, then ancestral DDPM over every step ``t_start, ..., 0``.
-
-    The forward noise comes from ``noise_generator`` (Gaussian or simplex); the variance noise of
-    each reverse step is Gaussian, drawn by ``scheduler.step`` from ``generator`` (seeded from the
-    noise generator's seed when not given), so runs repeat exactly on the same device.
+    ``streams`` comes from :func:`noise_streams`. The baseline "reconstructs" its FLAIR channel as
+    black: its residual is the FLAIR intensity itself.
     """
-    if generator is None:
-        generator = torch.Generator(device=x0.device).manual_seed(noise_generator.seed)
-    x = noise_to(x0, t_start, scheduler, _noise(noise_generator, x0))
-    for t in range(int(t_start), -1, -1):
-        x, _ = scheduler.step(model(x, _timesteps(t, x)), t, x, generator)
-    return x
+    if settings.sampler == BASELINE:
+        flair = x[:, flair_channel:flair_channel + 1]
+        return flair.clone(), torch.zeros_like(flair)
+    residual, recon_sum = torch.zeros_like(x), torch.zeros_like(x)
+    for t, noise, generator in streams:
+        recon = _reconstruct(model, x, t, scheduler, noise, generator, settings)
+        residual += (x - recon).abs()
+        recon_sum += recon
+    return residual / len(streams), recon_sum / len(streams)
 
 
-def ddim_timesteps(t_start: int, steps: int) -> list[int]:
-    """``steps`` evenly spaced timesteps from ``t_start`` down (exclusive of the clean end).
-
-    The last step jumps straight to x0, so ``steps=1`` is a single x0 prediction. Repeated
-    timesteps (more steps than ``t_start + 1``) are dropped.
-    """
-    ts = torch.linspace(float(t_start), 0.0, int(steps) + 1)[:-1].round().long()
-    return torch.unique_consecutive(ts).tolist()
-
-
-@torch.inference_mode()
-def ddim_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler, noise_generator: NoiseGenerator,
-                     steps: int = 10) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from ``t_start`` to the clean image in ``steps`` evaluations.
-
-    Only the starting noise is random; with a perfect model the input comes back exactly.
-    """
-    x = noise_to(x0, t_start, scheduler, _noise(noise_generator, x0))
-    ts = ddim_timesteps(t_start, steps)
-    for i, t in enumerate(ts):
-        x0_hat, eps_hat = predict_x0_eps(scheduler, model(x, _timesteps(t, x)), x, t)
-        if i + 1 == len(ts):
-            return x0_hat
-        abar_prev = float(scheduler.alphas_cumprod[ts[i + 1]])
-        x = abar_prev**0.5 * x0_hat + (1.0 - abar_prev) ** 0.5 * eps_hat
-    return x  # not reached: ts is never empty
-
-
-# ----------------------------------------------------------------------------------------------
-# anomaly maps
-
-
-def erode(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
-    """Binary erosion of (B, 1, H, W) masks by a 3x3 square, per slice: drops the brain rim, where
-    reconstructions of the skull-stripped edge are poor in healthy tissue too."""
-    out = mask.float()
-    for _ in range(int(iterations)):
-        out = -F.max_pool2d(-out, kernel_size=3, stride=1, padding=1)
-    return out
-
-
-def median_filter(maps: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Per-slice median filter of (B, 1, H, W) maps (edge-replicated), vectorised over the batch."""
-    if size <= 1:
-        return maps
-    b, c, h, w = maps.shape
-    padded = F.pad(maps, (size // 2,) * 4, mode="replicate")
-    windows = F.unfold(padded, kernel_size=size)  # (B, C * size * size, H * W)
-    return windows.view(b, c, size * size, h * w).median(dim=2).values.view(b, c, h, w)
+def map_from_residual(residual: torch.Tensor, x: torch.Tensor, brain: torch.Tensor, settings: ScoreSettings,
+                      stats: HealthyResidualStats | None = None) -> torch.Tensor:
+    """Per-channel residual (B, C, H, W) -> (B, 1, H, W) map: optional z-score against healthy
+    statistics, channel reduction, eroded-brain mask, 2D median filter. Zero outside the eroded brain."""
+    if stats is not None:
+        residual = stats.normalise(residual, x)
+    reduced = residual.amax(dim=1, keepdim=True) if settings.reduce == "max" else residual.mean(dim=1, keepdim=True)
+    mask = erode(brain, settings.erode_iters)
+    return median_filter(reduced * mask, settings.median_size) * mask
 
 
 def anomaly_map(x: torch.Tensor, recon: torch.Tensor | Sequence[torch.Tensor], brain: torch.Tensor,
                 erode_iters: int = 1, median_size: int = 3, reduce: str = "max") -> torch.Tensor:
-    """|x - recon| reduced over channels, averaged over noise draws, inside the eroded brain, median-filtered.
-
-    ``x`` (B, C, H, W); ``recon`` one reconstruction or a sequence (one per noise draw);
-    ``brain`` (B, 1, H, W). Returns (B, 1, H, W), zero outside the eroded brain.
-    """
-    _check_map_settings(erode_iters, median_size, reduce)
+    """|x - recon| reduced over channels, averaged over reconstructions (noise draws), inside the
+    eroded brain, median-filtered: :func:`map_from_residual` for ready reconstructions."""
+    settings = ScoreSettings(erode_iters=erode_iters, median_size=median_size, reduce=reduce)
     recons = [recon] if isinstance(recon, torch.Tensor) else list(recon)
+    residual = torch.stack([(x - r).abs() for r in recons]).mean(dim=0)
+    return map_from_residual(residual, x, brain, settings)
+
+
+# ----------------------------------------------------------------------------------------------
+# healthy calibration (validation subjects' healthy slices)
+
+
+@dataclass
+class Calibration:
+    """What healthy validation slices say about residuals: normalisation statistics and the
+    map level above which small components are removed."""
+
+    stats: HealthyResidualStats | None = None
+    component_threshold: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"residual_norm": self.stats.mode if self.stats else "none",
+                "component_threshold": self.component_threshold}
+
+
+def calibrate(model: Model, cache_dir: str | os.PathLike, scheduler, noise_generator: NoiseGenerator,
+              settings: ScoreSettings, device: str | torch.device = "cpu", progress: bool = True) -> Calibration:
+    """Reconstruct the cached healthy validation slices with ``settings`` and measure their residuals."""
+    if not settings.needs_calibration:
+        return Calibration()
+    dataset = SliceDataset(cache_dir, "validation")
+    if len(dataset) == 0:
+        raise InputError(Path(cache_dir) / "validation_images.npy", "no healthy validation slices to calibrate on")
+    x_all = torch.from_numpy(np.array(dataset.images, dtype=np.float32))
+    streams = noise_streams(noise_generator, "calibration", settings, device)
     residuals = []
-    for r in recons:
-        diff = (x - r).abs()
-        residuals.append(diff.amax(dim=1, keepdim=True) if reduce == "max" else diff.mean(dim=1, keepdim=True))
-    mask = erode(brain, erode_iters)
-    maps = median_filter(torch.stack(residuals).mean(dim=0) * mask, median_size)
-    return maps * mask
-
-
-def _check_map_settings(erode_iters, median_size, reduce) -> None:
-    if reduce not in REDUCTIONS:
-        raise InputError("map_reduce", f"unknown channel reduction {reduce!r}; choose one of {', '.join(REDUCTIONS)}")
-    if int(erode_iters) != erode_iters or erode_iters < 0:
-        raise InputError("erode_iters", f"must be an integer >= 0, got {erode_iters!r}")
-    if int(median_size) != median_size or median_size < 1 or median_size % 2 == 0:
-        raise InputError("median_size", f"must be an odd integer >= 1, got {median_size!r}")
+    for i in tqdm(range(0, len(x_all), settings.batch_size), desc="calibrate on healthy validation slices",
+                  disable=not progress):
+        x = x_all[i:i + settings.batch_size].to(device)
+        residuals.append(reconstruct(model, x, scheduler, streams, settings)[0].cpu())
+    residual = torch.cat(residuals)
+    brain = (x_all > 0).any(dim=1, keepdim=True).float()
+    stats = HealthyResidualStats.fit(settings.residual_norm, residual, x_all, brain) \
+        if settings.residual_norm != "none" else None
+    maps = map_from_residual(residual, x_all, brain, settings, stats)
+    inside = erode(brain, settings.erode_iters) > 0
+    threshold = float(torch.quantile(maps[inside][::max(1, int(inside.sum()) // 1_000_000)],
+                                     float(settings.component_quantile)))
+    return Calibration(stats=stats, component_threshold=threshold)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +263,8 @@ class SubjectScore:
     """One subject's result: the map in the original image space plus the preprocessed-grid arrays.
 
     ``grid`` holds (C or 1, H, W, D) arrays: image, recon (mean over draws), map, brain, and,
-    when the subject has a label, label (0-3) and tumour (whole tumour, binary).
+    when the subject has a label, label (0-3) and tumour (whole tumour, binary). ``recon_stats``
+    holds the threshold-free reconstruction figures (sums, so they pool over subjects).
     """
 
     subject: str
@@ -202,34 +273,7 @@ class SubjectScore:
     affine: np.ndarray
     grid: dict
     seconds: float
-
-
-def check_settings(sampler: str, t_start: int, ddim_steps: int, n_draws: int, batch_size: int,
-                   num_train_timesteps: int) -> None:
-    """Refuse sampler settings that would fail deep inside the loop or silently mean nothing."""
-    if sampler not in SAMPLERS:
-        raise InputError("sampler", f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    for name, value, low in (("t_start", t_start, 1), ("ddim_steps", ddim_steps, 1), ("n_draws", n_draws, 1),
-                             ("score_batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise InputError(name, f"must be an integer >= {low}, got {value!r}")
-    if t_start > num_train_timesteps - 1:
-        raise InputError("t_start", f"must be in [1, {num_train_timesteps - 1}] (num_train_timesteps="
-                                    f"{num_train_timesteps}), got {t_start}")
-
-
-def draw_seed(base_seed: int, subject: str, draw: int) -> int:
-    """Seed for one subject and noise draw: independent of which other subjects are scored."""
-    digest = hashlib.sha256(f"{int(base_seed)}:{subject}:{int(draw)}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def _reconstruct(model, x, sampler, t_start, scheduler, noise, generator, ddim_steps):
-    if sampler == BASELINE:  # "reconstruct" as black: the residual is the FLAIR intensity itself
-        return torch.zeros_like(x)
-    if sampler == "ddpm":
-        return ddpm_reconstruct(model, x, t_start, scheduler, noise, generator)
-    return ddim_reconstruct(model, x, t_start, scheduler, noise, ddim_steps)
+    recon_stats: dict = field(default_factory=dict)
 
 
 def preprocess_subject(item: dict, transform) -> dict:
@@ -245,42 +289,79 @@ def _slices(volume: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(volume)[..., z].permute(3, 0, 1, 2).float()
 
 
-def score_subject(item: dict, transform, model: Model, scheduler, noise_generator: NoiseGenerator,
-                  sampler: str = "ddim", t_start: int = 250, ddim_steps: int = 10, n_draws: int = 1,
-                  batch_size: int = 64, device: str | torch.device = "cpu", erode_iters: int = 1,
-                  median_size: int = 3, reduce: str = "max") -> SubjectScore:
+def flair_channel(preprocess: PreprocessConfig) -> int:
+    """Index of FLAIR among the selected modalities (the baseline's channel)."""
+    if "FLAIR" not in preprocess.modalities:
+        raise InputError("sampler", f"the FLAIR baseline needs FLAIR among the modalities, got {list(preprocess.modalities)}")
+    return list(preprocess.modalities).index("FLAIR")
+
+
+def score_subject(item: dict, transform, model: Model | None, scheduler, noise_generator: NoiseGenerator,
+                  settings: ScoreSettings = ScoreSettings(), device: str | torch.device = "cpu",
+                  calibration: Calibration = Calibration(), flair_index: int = 0) -> SubjectScore:
     """Anomaly map of one subject, in the original image space (same shape and affine as its image).
 
     ``transform`` is ``preprocess_transforms(cfg, with_label=...)``; only slices holding brain go
     through the sampler, in batches. The map volume is then inverted through ``transform``.
     """
-    check_settings(sampler, t_start, ddim_steps, n_draws, batch_size, scheduler.num_train_timesteps)
-    _check_map_settings(erode_iters, median_size, reduce)
     start = time.perf_counter()
     data = preprocess_subject(item, transform)
     image, brain = data["image"], data["brain"]
     z = torch.nonzero(torch.as_tensor(brain)[0].flatten(0, 1).any(dim=0)).flatten()
     x_all, brain_all = _slices(image, z), _slices(brain, z)
-    noises = [noise_generator.with_seed(draw_seed(noise_generator.seed, item["subject"], d)) for d in range(n_draws)]
-    generators = [torch.Generator(device=device).manual_seed(n.seed) for n in noises]
-    maps, recons = [], []
-    for i in range(0, len(z), batch_size):
-        x = x_all[i:i + batch_size].to(device)
-        b = brain_all[i:i + batch_size].to(device)
-        rs = [_reconstruct(model, x, sampler, t_start, scheduler, n, g, ddim_steps) for n, g in zip(noises, generators)]
-        maps.append(anomaly_map(x, rs, b, erode_iters, median_size, reduce).cpu())
-        recons.append(torch.stack(rs).mean(dim=0).cpu())
-    grid_map = _to_volume(maps, z, (1, *image.shape[1:]))
-    grid = {"image": image.as_tensor().numpy(), "recon": _to_volume(recons, z, tuple(image.shape)).numpy(),
+    streams = noise_streams(noise_generator, item["subject"], settings, device)
+    maps, recons, residuals = [], [], []
+    for i in range(0, len(z), settings.batch_size):
+        x = x_all[i:i + settings.batch_size].to(device)
+        residual, recon = reconstruct(model, x, scheduler, streams, settings, flair_index)
+        maps.append(map_from_residual(residual, x if settings.sampler != BASELINE else x[:, flair_index:flair_index + 1],
+                                      brain_all[i:i + settings.batch_size].to(device), settings, calibration.stats).cpu())
+        recons.append(recon.cpu())
+        residuals.append(residual.cpu())
+    grid_map = _postprocess_volume(_to_volume(maps, z, (1, *image.shape[1:])), settings, calibration)
+    recon_volume = _to_volume(recons, z, (recons[0].shape[1] if recons else 1, *image.shape[1:]))
+    grid = {"image": image.as_tensor().numpy(), "recon": recon_volume.numpy(),
             "map": grid_map.numpy(), "brain": brain.as_tensor().numpy()}
     for key in ("label", "tumour"):
         if key in data:
             grid[key] = data[key].as_tensor().numpy()
+    stats = reconstruction_stats(x_all, torch.cat(recons) if recons else x_all, torch.cat(residuals) if residuals else x_all,
+                                 brain_all, _slices(data["tumour"], z) if "tumour" in data else None, settings)
     score = invert_to_original(grid_map, image, transform)
     return SubjectScore(subject=item["subject"], source=str(item["image"]),
                         score=score.as_tensor()[0].numpy().astype(np.float32),
                         affine=np.asarray(score.affine, dtype=np.float64), grid=grid,
-                        seconds=time.perf_counter() - start)
+                        seconds=time.perf_counter() - start, recon_stats=stats)
+
+
+def _postprocess_volume(volume: torch.Tensor, settings: ScoreSettings, calibration: Calibration) -> torch.Tensor:
+    """3D steps on the (1, H, W, D) grid map: median over the volume, then small-component removal."""
+    volume = median_filter_3d(volume, settings.median_3d)
+    if settings.min_component_voxels > 1 and calibration.component_threshold is not None:
+        volume = torch.from_numpy(remove_small_components(volume[0].numpy(), calibration.component_threshold,
+                                                          settings.min_component_voxels))[None]
+    return volume
+
+
+def reconstruction_stats(x: torch.Tensor, recon: torch.Tensor, residual: torch.Tensor, brain: torch.Tensor,
+                         tumour: torch.Tensor | None, settings: ScoreSettings) -> dict:
+    """Threshold-free figures of how well healthy anatomy is reconstructed, as sums over the
+    subject (the evaluation pools them): raw residual (reduced over channels like the map) on
+    healthy and on tumour brain voxels, and PSNR / SSIM (data range 1) over tumour-free brain slices."""
+    reduced = residual.amax(dim=1, keepdim=True) if settings.reduce == "max" else residual.mean(dim=1, keepdim=True)
+    inside = brain > 0
+    sick = tumour > 0 if tumour is not None else torch.zeros_like(inside)
+    healthy_voxels, tumour_voxels = inside & ~sick, inside & sick
+    clean = ~sick.flatten(1).any(dim=1)
+    stats = {"healthy_residual_sum": float(reduced[healthy_voxels].sum()), "healthy_voxels": int(healthy_voxels.sum()),
+             "tumour_residual_sum": float(reduced[tumour_voxels].sum()), "tumour_voxels": int(tumour_voxels.sum()),
+             "psnr_sum": 0.0, "ssim_sum": 0.0, "healthy_slices": 0}
+    if settings.sampler != BASELINE and clean.any():  # the baseline reconstructs nothing: no PSNR / SSIM
+        stats["healthy_slices"] = int(clean.sum())
+        target, output = x[clean], recon[clean].clamp(0, float(x.max()))
+        stats["psnr_sum"] = float(PSNRMetric(max_val=1.0, reduction="none")(output, target).sum())
+        stats["ssim_sum"] = float(SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7, reduction="none")(output, target).sum())
+    return stats
 
 
 def _to_volume(chunks: list[torch.Tensor], z: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -360,37 +441,45 @@ def load_model(network: torch.nn.Module, model_path: str | os.PathLike) -> torch
     return network.eval()
 
 
-def score_split(dataset_dir: str | os.PathLike, split: dict, preprocess: PreprocessConfig,
-                model_path: str | os.PathLike, network: torch.nn.Module, scheduler,
-                noise_generator: NoiseGenerator, out_dir: str | os.PathLike,
-                sections: Sequence[str] = ("validation", "test"), sampler: str = "ddim", t_start: int = 250,
-                ddim_steps: int = 10, n_draws: int = 1, batch_size: int = 64,
-                device: str | torch.device = "cpu", erode_iters: int = 1, median_size: int = 3,
-                reduce: str = "max", threshold: float | None = None, progress: bool = True) -> Path:
-    """Score every subject of ``sections``; write ``out_dir/<section>/`` maps and ``out_dir/index.json``.
-
-    ``out_dir`` appears only once complete (a failure leaves the previous scores, if any, intact).
-    Returns ``out_dir``.
-    """
-    check_settings(sampler, t_start, ddim_steps, n_draws, batch_size, scheduler.num_train_timesteps)
-    _check_map_settings(erode_iters, median_size, reduce)
+def _check_sections(sections, split: dict) -> list[str]:
     sections = [sections] if isinstance(sections, str) else list(sections)
     for section in sections:
         if section not in SECTIONS:
             raise InputError("score_sections", f"unknown section {section!r}; choose from {', '.join(SECTIONS)}")
         if not split.get(section):
             raise InputError("split", f"no {section} subjects")
+    return sections
+
+
+def score_split(dataset_dir: str | os.PathLike, split: dict, preprocess: PreprocessConfig,
+                model_path: str | os.PathLike, network: torch.nn.Module, scheduler,
+                noise_generator: NoiseGenerator, out_dir: str | os.PathLike,
+                settings: ScoreSettings = ScoreSettings(), sections: Sequence[str] = ("validation", "test"),
+                device: str | torch.device = "cpu", threshold: float | None = None,
+                calibration_cache: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Score every subject of ``sections``; write ``out_dir/<section>/`` maps and ``out_dir/index.json``.
+
+    ``calibration_cache`` is the slice cache whose healthy validation slices calibrate residual
+    normalisation and the component filter (needed only when those are on). ``out_dir`` appears
+    only once complete (a failure leaves the previous scores, if any, intact). Returns ``out_dir``.
+    """
+    settings.check_levels(scheduler.num_train_timesteps)
+    sections = _check_sections(sections, split)
     by_subject = {item["subject"]: item for item in load_subjects(dataset_dir).data}
     unknown = sorted({s for section in sections for s in split[section]} - set(by_subject))
     if unknown:
         raise InputError("split", f"names subjects not in the dataset: {', '.join(unknown[:5])}")
-    if sampler == BASELINE and tuple(preprocess.modalities) != ("FLAIR",):
-        raise InputError("sampler", f"the FLAIR baseline needs modalities [FLAIR], got {list(preprocess.modalities)}")
-    model = None if sampler == BASELINE else load_model(network, model_path)
-    settings = {"sampler": sampler, "t_start": int(t_start), "ddim_steps": int(ddim_steps), "n_draws": int(n_draws),
-                "erode_iters": int(erode_iters), "median_size": int(median_size), "reduce": reduce,
-                "threshold": threshold, "model_path": None if sampler == BASELINE else str(model_path), "noise": repr(noise_generator),
-                "prediction_type": str(scheduler.prediction_type), "preprocess": preprocess.to_dict()}
+    baseline = settings.sampler == BASELINE
+    flair_index = flair_channel(preprocess) if baseline else 0
+    model = None if baseline else load_model(network, model_path)
+    if settings.needs_calibration and calibration_cache is None:
+        raise InputError("residual_norm", "residual normalisation and the component filter need the slice cache "
+                                          "of healthy validation slices (calibration_cache)")
+    calibration = calibrate(model, calibration_cache, scheduler, noise_generator, settings, device, progress) \
+        if settings.needs_calibration else Calibration()
+    index_settings = {**settings.to_dict(), "threshold": threshold, "model_path": None if baseline else str(model_path),
+                      "noise": repr(noise_generator), "prediction_type": str(scheduler.prediction_type),
+                      "preprocess": preprocess.to_dict(), "calibration": calibration.to_dict()}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         subjects = {}
@@ -398,12 +487,15 @@ def score_split(dataset_dir: str | os.PathLike, split: dict, preprocess: Preproc
             items = [by_subject[s] for s in split[section]]
             for item in tqdm(items, desc=f"score {section}", unit="subject", disable=not progress):
                 transform = preprocess_transforms(preprocess, with_label=bool(item.get("label")))
-                result = score_subject(item, transform, model, scheduler, noise_generator, sampler, t_start,
-                                       ddim_steps, n_draws, batch_size, device, erode_iters, median_size, reduce)
+                result = score_subject(item, transform, model, scheduler, noise_generator, settings, device,
+                                       calibration, flair_index)
                 files = save_subject(result, tmp / section, threshold)
                 subjects[result.subject] = {"section": section, "seconds": round(result.seconds, 3),
-                                            "files": {k: f"{section}/{v}" for k, v in files.items()}}
-        write_json(tmp / "index.json", {"format": INDEX_FORMAT, "settings": settings, "subjects": subjects})
+                                            "files": {k: f"{section}/{v}" for k, v in files.items()},
+                                            "recon": result.recon_stats}
+        if calibration.stats is not None:
+            np.savez(tmp / "calibration.npz", **calibration.stats.to_arrays())
+        write_json(tmp / "index.json", {"format": INDEX_FORMAT, "settings": index_settings, "subjects": subjects})
     return out_dir
 
 

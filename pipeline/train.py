@@ -7,6 +7,7 @@ simplex noise, an EMA of the weights, atomic checkpoints with resume, and the lo
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -107,10 +108,36 @@ class NoisePrepareBatch(DiffusionPrepareBatch):
     checkpointed so a resumed run continues the same noise stream.
     """
 
-    def __init__(self, scheduler: DDPMScheduler, noise: NoiseGenerator, seed: int = 0):
+    def __init__(self, scheduler: DDPMScheduler, noise: NoiseGenerator, seed: int = 0, patch_size: int | None = None):
         super().__init__(num_train_timesteps=scheduler.num_train_timesteps)
         self.scheduler, self.noise, self.seed = scheduler, noise, seed
+        self.patch_size = None if patch_size is None else int(patch_size)
+        if self.patch_size is not None and self.patch_size < 1:
+            raise InputError("patch_size", f"must be a positive number of pixels, got {patch_size!r}")
         self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        """As MONAI's, plus patched noising (pDDPM): with ``patch_size`` set, each sample is noised
+        only inside one random square patch and stays clean elsewhere (the context the model sees
+        when scoring with the patched sampler)."""
+        images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
+        if self.patch_size is None:
+            return images, target, args, infer_kwargs
+        noise = clean_outside(images, infer_kwargs["noise"], infer_kwargs["timesteps"], self.scheduler,
+                              self.random_patches(images))
+        target = self.get_target(images, noise, infer_kwargs["timesteps"])
+        return images, target, args, {**infer_kwargs, "noise": noise}
+
+    def random_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) masks of one ``patch_size`` square per sample, placed by the seeded generator."""
+        b, _, h, w = images.shape
+        size = min(self.patch_size, h, w)
+        tops = torch.randint(0, h - size + 1, (b,), generator=self.generator)
+        lefts = torch.randint(0, w - size + 1, (b,), generator=self.generator)
+        masks = torch.zeros(b, 1, h, w, device=images.device, dtype=images.dtype)
+        for i, (top, left) in enumerate(zip(tops.tolist(), lefts.tolist())):
+            masks[i, :, top:top + size, left:left + size] = 1
+        return masks
 
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:
         return self.noise(tuple(images.shape), device=images.device, dtype=images.dtype)
@@ -140,6 +167,19 @@ class NoisePrepareBatch(DiffusionPrepareBatch):
         self.noise.load_state_dict(state["noise"])
 
 
+def clean_outside(images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """Noise such that ``scheduler.add_noise(images, noise, t)`` equals the clean image outside ``mask``.
+
+    MONAI's inferer always computes sqrt(abar) x0 + sqrt(1 - abar) eps; choosing
+    eps = x0 (1 - sqrt(abar)) / sqrt(1 - abar) outside the patch makes that x0 there, so patched
+    training runs through the stock ``DiffusionInferer``.
+    """
+    abar = scheduler.alphas_cumprod.to(images.device)[timesteps].view(-1, 1, 1, 1).to(images.dtype)
+    context = images * (1 - abar.sqrt()) / (1 - abar).sqrt()
+    return mask * noise + (1 - mask) * context
+
+
 def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_size: int = 32,
                  shuffle: bool = True, num_workers: int = 0, distributed: bool = False,
                  seed: int = 0) -> DataLoader:
@@ -148,6 +188,61 @@ def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_siz
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# training length and learning rate
+
+
+def total_steps(train_steps: int | None, epochs: int | None, loader: DataLoader) -> int:
+    """Optimiser steps of the run: ``train_steps`` when given (comparable across data sizes), else
+    ``epochs`` passes over the loader."""
+    if train_steps is not None:
+        if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
+            raise InputError("train_steps", f"must be a positive integer or null, got {train_steps!r}")
+        return train_steps
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise InputError("epochs", f"must be a positive integer (or set train_steps), got {epochs!r}")
+    return epochs * len(loader)
+
+
+def max_epochs(train_steps: int | None, epochs: int | None, loader: DataLoader) -> int:
+    """Epochs the engine must be allowed to cover :func:`total_steps` (the last may stop early)."""
+    return math.ceil(total_steps(train_steps, epochs, loader) / max(1, len(loader)))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total: int,
+                  final_fraction: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``final_fraction`` of the peak at ``total``.
+
+    Short runs with a large learning rate need both: warm-up keeps AdamW's first steps from
+    overshooting, the decay lets the last few hundred steps settle (what the EMA then averages).
+    """
+    if not 0 <= final_fraction <= 1:
+        raise InputError("lr_final_fraction", f"must be in [0, 1], got {final_fraction}")
+    warmup, total = max(0, int(warmup_steps)), max(1, int(total))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class StopAtStep:
+    """Ignite handler: end training after exactly ``steps`` optimiser steps (COMPLETED still fires)."""
+
+    def __init__(self, steps: int):
+        self.steps = int(steps)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.iteration >= self.steps:
+            engine.terminate()
 
 
 # ----------------------------------------------------------------------------------------------

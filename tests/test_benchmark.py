@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.benchmark import expand_methods, load_protocol, run_benchmark
+from pipeline.benchmark import (_score_settings, _train_settings, config_hash, expand_methods, load_protocol,
+                                run_benchmark, validation_only)
 from pipeline.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,3 +114,33 @@ def test_bad_protocol_is_refused(tmp_path):
     path.write_text("id: x\nmethods: [{name: a}]\ndataset: {dir: d}\nsurprise: 1\n")
     with pytest.raises(InputError, match="unknown keys"):
         load_protocol(path)
+
+
+def test_ensembles_overrides_and_study_protocols(tmp_path):
+    """A nested t_start list is one t_L-ensemble entry; --set overrides change the hash; a
+    validation-only protocol is recognised (its runs never reach the leaderboard)."""
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"id": "s", "dataset": {"dir": "d"}, "evaluation": {"sections": ["validation"]},
+                                    "bundle": {"train_steps": 10, "t_start": 300},
+                                    "methods": [{"name": "x0", "t_start": [[100, 300]], "median_3d": [1, 5]},
+                                                {"name": "eps", "prediction_type": "epsilon"}]}))
+    protocol = load_protocol(path)
+    entries = expand_methods(protocol)
+    assert [e["id"] for e in entries] == ["x0-t100+300-m3d1-s0", "x0-t100+300-m3d5-s0", "eps-s0"]
+    assert validation_only(protocol)
+    # scoring-only settings do not enter the model hash; training settings do
+    hashes = [config_hash(_train_settings(protocol, e)) for e in entries]
+    assert hashes[0] == hashes[1] != hashes[2]
+    assert _score_settings(protocol, entries[0])["t_start"] == [100, 300]
+    assert _score_settings(protocol, entries[2])["t_start"] == 300  # the protocol's bundle default
+    changed = load_protocol(path, {"dataset.dir": "elsewhere", "bundle.train_steps": 20})
+    assert changed["dataset"]["dir"] == "elsewhere" and changed["bundle"]["train_steps"] == 20
+    assert changed["hash"] != protocol["hash"]
+    with pytest.raises(InputError, match="not a section"):
+        load_protocol(path, {"methods.x": 1})
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "benchmark").glob("*.yaml")))
+def test_shipped_protocols_parse(name):
+    protocol = load_protocol(REPO / "configs" / "benchmark" / name)
+    assert expand_methods(protocol)

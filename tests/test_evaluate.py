@@ -10,11 +10,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from pipeline.bundle import run_bundle
 from pipeline.errors import InputError
-from pipeline.evaluate import evaluate_scores
+from pipeline.atomic import write_json
+from pipeline.evaluate import compute_metrics, evaluate_scores
 from pipeline.metrics import auprc, auroc
+from pipeline.report import _summary_text
 
 
 def baseline_settings(dataset: Path, out: Path) -> dict:
@@ -22,9 +25,22 @@ def baseline_settings(dataset: Path, out: Path) -> dict:
                 sampler="flair", progress=False, num_workers=1, bootstrap_resamples=200)
 
 
+def mixed_split(dataset: Path) -> dict:
+    """Validation and test each hold healthy and tumour subjects, so subject-level figures are defined."""
+    from pipeline.data import load_subjects
+
+    items = load_subjects(dataset).data
+    tumour = sorted(it["subject"] for it in items if np.asarray(nib.load(it["label"]).dataobj).any())
+    healthy = sorted(it["subject"] for it in items if it["subject"] not in tumour)
+    assert len(healthy) >= 3 and len(tumour) >= 4
+    return {"train": healthy[2:] + tumour[3:], "validation": [healthy[0], tumour[0]],
+            "test": [healthy[1], tumour[1], tumour[2]]}
+
+
 @pytest.fixture(scope="module")
 def baseline_run(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
+    write_json(out / "split.json", mixed_split(synth_root))  # the bundle's split_file: reused, not remade
     settings = baseline_settings(synth_root, out)
     run_bundle("inference", **settings)
     run_bundle("evaluate", **settings)
@@ -34,7 +50,9 @@ def baseline_run(synth_root, tmp_path_factory):
 def test_baseline_runs_and_writes_metrics_report_and_masks(baseline_run, synth_root):
     evaluation = baseline_run / "evaluation"
     metrics = json.loads((evaluation / "metrics.json").read_text())["test"]
-    for key in ("auroc", "auprc", "dice", "dice_oracle", "mean_subject_dice", "slice_auroc"):
+    for key in ("auroc", "auprc", "dice", "dice_oracle", "mean_subject_dice", "slice_auroc", "subject_auroc",
+                "subject_score_percentile", "healthy_subjects", "tumour_subjects", "false_positive_ml_healthy",
+                "false_positive_ml_per_healthy_subject", "reconstruction"):
         assert key in metrics
     assert 0.5 < metrics["auroc"] <= 1.0  # FLAIR edema is bright on the synthetic data
     assert metrics["dice_oracle"] >= metrics["dice"] - 1e-12
@@ -67,6 +85,63 @@ def test_metrics_match_a_direct_computation(baseline_run, synth_root):
     metrics = json.loads((baseline_run / "evaluation" / "metrics.json").read_text())["test"]
     assert metrics["auroc"] == pytest.approx(auroc(np.concatenate(scores), np.concatenate(labels)), abs=1e-12)
     assert metrics["auprc"] == pytest.approx(auprc(np.concatenate(scores), np.concatenate(labels)), abs=1e-12)
+
+
+def read_test_subject(run: Path, data: Path, subject: str) -> dict:
+    """A test subject's map, affine, brain mask and tumour mask read straight from disk."""
+    score = nib.load(str(run / "scores" / "test" / f"{subject}_score.nii.gz"))
+    image = np.asarray(nib.load(str(data / "Task01_BrainTumour" / "imagesTr" / f"{subject}.nii.gz")).dataobj)
+    label = np.asarray(nib.load(str(data / "Task01_BrainTumour" / "labelsTr" / f"{subject}.nii.gz")).dataobj)
+    return {"score": np.asarray(score.dataobj), "affine": score.affine, "brain": (image != 0).any(axis=-1),
+            "tumour": label > 0}
+
+
+def test_subject_level_figures_match_a_direct_computation(baseline_run, synth_root):
+    """Subject AUROC (99th-percentile subject scores) and false-positive ml, recomputed independently."""
+    metrics = json.loads((baseline_run / "evaluation" / "metrics.json").read_text())["test"]
+    split = json.loads((baseline_run / "split.json").read_text())
+    subjects = {s: read_test_subject(baseline_run, synth_root, s) for s in split["test"]}
+    tumour = {s: bool(v["tumour"].any()) for s, v in subjects.items()}
+    healthy = sorted(s for s in subjects if not tumour[s])
+    assert healthy and len(healthy) < len(subjects)  # mixed_split: both classes, so nothing is None here
+    assert (metrics["healthy_subjects"], metrics["tumour_subjects"]) == (len(healthy), len(subjects) - len(healthy))
+    assert metrics["subject_score_percentile"] == 99.0
+    peak = [np.percentile(v["score"][v["brain"]].astype(np.float64), 99) for v in subjects.values()]
+    assert metrics["subject_auroc"] == pytest.approx(roc_auc_score(list(tumour.values()), peak), abs=1e-12)
+    threshold = metrics["dice_threshold_from_validation"]
+    expected = {s: np.count_nonzero(subjects[s]["score"][subjects[s]["brain"]] > threshold)
+                * abs(np.linalg.det(subjects[s]["affine"][:3, :3])) / 1000 for s in healthy}
+    assert sorted(metrics["false_positive_ml_per_healthy_subject"]) == healthy
+    for s in healthy:
+        assert metrics["false_positive_ml_per_healthy_subject"][s] == pytest.approx(expected[s])
+    assert metrics["false_positive_ml_healthy"] == pytest.approx(np.mean(list(expected.values())))
+
+
+RECON = {"healthy_residual_sum": 2.0, "healthy_voxels": 20, "tumour_residual_sum": 3.0, "tumour_voxels": 10,
+         "psnr_sum": 90.0, "ssim_sum": 2.4, "healthy_slices": 3}
+
+
+def test_reconstruction_figures_come_from_the_index_and_reach_the_summary(baseline_run, synth_root, tmp_path):
+    """Every validation subject records RECON (residual 0.1 healthy, 0.3 tumour, PSNR 30, SSIM 0.8);
+    one test subject has no record, as in an old index: the test figures are None, not an error."""
+    scores = tmp_path / "scores"
+    shutil.copytree(baseline_run / "scores", scores)
+    index = json.loads((scores / "index.json").read_text())
+    for row in index["subjects"].values():
+        row["recon"] = dict(RECON)
+    del index["subjects"][sorted(s for s, r in index["subjects"].items() if r["section"] == "test")[0]]["recon"]
+    write_json(scores / "index.json", index)
+    metrics, _, _ = compute_metrics(synth_root, scores, n_boot=10, progress=False)
+    val = metrics["validation"]["reconstruction"]
+    n = metrics["validation"]["subjects"]
+    assert val["healthy_residual"] == pytest.approx(0.1) and val["tumour_residual"] == pytest.approx(0.3)
+    assert val["residual_ratio"] == pytest.approx(3.0)
+    assert val["psnr"] == pytest.approx(30.0) and val["ssim"] == pytest.approx(0.8)
+    assert (val["healthy_voxels"], val["tumour_voxels"], val["healthy_slices"]) == (20 * n, 10 * n, 3 * n)
+    assert set(metrics["test"]["reconstruction"].values()) == {None}
+    text = _summary_text(metrics)
+    assert "healthy residual 0.1000" in text and "tumour/healthy 3.00" in text and "PSNR 30.0 SSIM 0.800" in text
+    assert "subject AUROC" in text and "FP healthy" in text
 
 
 def test_map_of_wrong_shape_is_refused(baseline_run, synth_root, tmp_path):

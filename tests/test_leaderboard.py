@@ -2,7 +2,8 @@
 
 Run folders are faked without training: score maps written straight into each label's space
 (tumour indicator plus noise for a good method, noise only for a bad one) with the index.json
-that ``pipeline.score.score_split`` writes, and the run.json of the benchmark runner.
+that ``pipeline.score.score_split`` writes (with :data:`RECON` as every subject's reconstruction
+record), and the run.json of the benchmark runner.
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ from pipeline.atomic import write_json
 from pipeline.data import dataset_fingerprint, load_subjects, make_split
 from pipeline.errors import InputError
 from pipeline.evaluate import compute_metrics
-from pipeline.leaderboard import (COLUMNS, append_row, check_method_name, protocol_hash, ranked_table,
-                                  read_leaderboard, show, split_fingerprint, submission_row, submit)
+from pipeline.leaderboard import (ADDED_COLUMNS, COLUMNS, append_row, check_method_name, protocol_hash,
+                                  ranked_table, read_leaderboard, show, split_fingerprint, submission_row, submit)
 
 N_BOOT = 50
 PROTOCOL_CONTENT = {"id": "synthetic-test-v1", "dataset": "synthetic", "methods": ["good", "bad"], "seeds": [0]}
+
+
+def recon_record(tumour: bool) -> dict:
+    """Pooled over any subjects: healthy residual 0.1, tumour residual 0.3 (ratio 3), PSNR 25, SSIM 0.75."""
+    return {"healthy_residual_sum": 2.0, "healthy_voxels": 20, "tumour_residual_sum": 3.0 if tumour else 0.0,
+            "tumour_voxels": 10 if tumour else 0, "psnr_sum": 50.0, "ssim_sum": 1.5, "healthy_slices": 2}
 
 
 def good_map(label, rng):
@@ -50,7 +57,7 @@ def make_run(run_dir: Path, dataset_dir: Path, split: dict, protocol: dict, scor
             label = nib.load(items[name]["label"])
             score = score_fn(np.asarray(label.dataobj), rng)
             nib.save(nib.Nifti1Image(score, label.affine), str(run_dir / "scores" / section / f"{name}_score.nii.gz"))
-            subjects[name] = {"section": section, "seconds": 0.1,
+            subjects[name] = {"section": section, "seconds": 0.1, "recon": recon_record(bool(np.any(label.dataobj))),
                               "files": {"score": f"{section}/{name}_score.nii.gz"}}
     write_json(run_dir / "scores" / "index.json", {"format": 1, "settings": {"sampler": "fake"}, "subjects": subjects})
     write_json(run_dir / "evaluation" / "metrics.json", {"test": {"auroc": 0.999, "auprc": 0.999, "dice": 0.999}})
@@ -127,6 +134,10 @@ def test_submission_recomputes_numbers_and_ignores_tampered_metrics(bench, tmp_p
         assert row[m] == expected["test"][m] != 0.999
         assert [row[f"{m}_ci_low"], row[f"{m}_ci_high"]] == expected["test"]["ci95"][m]
     assert row["dice_oracle"] == expected["test"]["dice_oracle"]
+    assert row["subject_auroc"] == expected["test"]["subject_auroc"] is not None  # bench: both classes in test
+    assert row["fp_ml_healthy"] == expected["test"]["false_positive_ml_healthy"] is not None
+    recon = (row["healthy_residual"], row["residual_ratio"], row["psnr"], row["ssim"])
+    assert recon == pytest.approx((0.1, 3.0, 25, 0.75))  # recon_record, pooled over the validation subjects
     assert row["protocol_hash"] == bench["protocol"]["hash"] and row["run_dir"] == str(run.resolve())
     assert set(row["subjects"]) == set(bench["split"]["test"])
     for name, values in row["subjects"].items():
@@ -135,6 +146,8 @@ def test_submission_recomputes_numbers_and_ignores_tampered_metrics(bench, tmp_p
     stored = read_leaderboard(csv_path)  # numbers round-trip exactly
     assert len(stored) == 1 and stored.loc[0, "auroc"] == row["auroc"] and stored.loc[0, "seed"] == 0
     assert stored.loc[0, "train_seconds"] == 12.5 and stored.loc[0, "submitted_at"].endswith("+00:00")
+    for column in ADDED_COLUMNS:
+        assert stored.loc[0, column] == row[column]
     sidecar = json.loads((tmp_path / "lb.subjects" / f"{row['row_id']}.json").read_text())
     assert sidecar["subjects"] == row["subjects"]
     with pytest.raises(InputError, match="already on the leaderboard"):
@@ -252,13 +265,34 @@ def test_concurrent_submitters_lose_no_row(tmp_path):
     assert not list(tmp_path.glob(".lb.csv.*"))  # no temporary file left behind
 
 
+def test_csv_without_the_added_columns_still_reads_and_is_upgraded_on_append(tmp_path):
+    csv_path = tmp_path / "lb.csv"
+    old = fake_row("old", metric=0.6)
+    old_columns = [c for c in COLUMNS if c not in ADDED_COLUMNS]
+    with open(csv_path, "w", newline="") as f:  # as written before the columns were added
+        csv.writer(f).writerows([old_columns, ["" if old[c] is None else str(old[c]) for c in old_columns]])
+    stored = read_leaderboard(csv_path)
+    assert list(stored.columns) == COLUMNS and stored.loc[0, "auroc"] == 0.6
+    assert stored[list(ADDED_COLUMNS)].isna().all(axis=None)
+
+    append_row(csv_path, fake_row("new", subject_auroc=0.75, fp_ml_healthy=1.5, healthy_residual=0.0123,
+                                  residual_ratio=2.5, psnr=25.0, ssim=0.8))
+    first, second = raw_rows(csv_path)
+    assert list(first) == COLUMNS and first["method"] == "old" and first["auroc"] == "0.6" and first["psnr"] == ""
+    assert second["psnr"] == "25.0" and second["fp_ml_healthy"] == "1.5"
+    table = show(csv_path, metric="auroc")
+    assert "| subject AUROC | FP ml healthy | val residual | val tumour/healthy | val PSNR | val SSIM |" in table
+    assert "| 0.750 | 1.50 | 0.0123 | 2.50 | 25.00 | 0.800 |" in table
+
+
 def test_foreign_csv_is_refused(tmp_path):
     csv_path = tmp_path / "lb.csv"
-    csv_path.write_text("name,score\nx,1\n")
-    with pytest.raises(InputError, match="not a leaderboard"):
-        append_row(csv_path, fake_row())
-    with pytest.raises(InputError, match="not a leaderboard"):
-        read_leaderboard(csv_path)
+    for header in ("name,score", ",".join(COLUMNS[1:]), ",".join(COLUMNS + ["extra"]), ",".join(COLUMNS[::-1])):
+        csv_path.write_text(header + "\nx,1\n")
+        with pytest.raises(InputError, match="not a leaderboard"):
+            append_row(csv_path, fake_row())
+        with pytest.raises(InputError, match="not a leaderboard"):
+            read_leaderboard(csv_path)
     with pytest.raises(InputError, match="not found"):
         read_leaderboard(tmp_path / "missing.csv")
 

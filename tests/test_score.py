@@ -16,8 +16,9 @@ from pipeline.bundle import run_bundle
 from pipeline.data import PreprocessConfig, load_subjects, preprocess_transforms
 from pipeline.errors import InputError, find_input_error
 from pipeline.noise import make_noise
-from pipeline.score import (anomaly_map, ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, invert_to_original,
-                            load_model, noise_to, preprocess_subject, read_index, score_split, score_subject)
+from pipeline.score import (ScoreSettings, anomaly_map, ddim_reconstruct, ddim_timesteps, ddpm_reconstruct,
+                            invert_to_original, load_model, noise_to, preprocess_subject, read_index, score_split,
+                            score_subject)
 from pipeline.train import diffusion_unet, make_scheduler
 from test_train import tiny
 
@@ -238,8 +239,10 @@ def _score_kwargs(trained: dict, **extra) -> dict:
                   preprocess=PREPROCESS, model_path=Path(trained["ckpt_dir"]) / "model.pt",
                   network=diffusion_unet(32, 1, (32, 32, 32)), scheduler=make_scheduler(),
                   noise_generator=make_noise("gaussian"), out_dir=Path(trained["output_dir"]) / "other_scores",
-                  sections=("validation",), ddim_steps=1, t_start=10, progress=False)
+                  sections=("validation",), progress=False)
+    score = {k: extra.pop(k) for k in ("sampler", "ddim_steps", "t_start") if k in extra}
     kwargs.update(extra)
+    kwargs["settings"] = ScoreSettings(**{"ddim_steps": 1, "t_start": 10, **score})
     return kwargs
 
 
@@ -266,13 +269,46 @@ def test_bad_settings_are_refused(trained, change, message):
         score_split(**_score_kwargs(trained, **change))
 
 
+@pytest.mark.parametrize("bad,name", [
+    (dict(median_3d=4), "median_3d"), (dict(residual_norm="global"), "residual_norm"),
+    (dict(sampler="patched"), "patch_size"), (dict(t_start=[]), "t_start"), (dict(t_start=[100, 0]), "t_start"),
+    (dict(component_quantile=1.0), "component_quantile"), (dict(min_component_voxels=-1), "min_component_voxels"),
+])
+def test_bad_map_settings_name_the_setting(bad, name):
+    with pytest.raises(InputError) as info:
+        ScoreSettings(**bad)
+    assert info.value.source == name
+
+
 def test_ddpm_subject_scores_repeat_with_the_seed(trained):
     kwargs = _score_kwargs(trained)
     model = load_model(kwargs["network"], kwargs["model_path"])
     item = next(i for i in load_subjects(trained["dataset_dir"]).data if i["subject"] == kwargs["split"]["test"][0])
     transform = preprocess_transforms(PREPROCESS, with_label=True)
     runs = [score_subject(item, transform, model, kwargs["scheduler"], make_noise("gaussian", seed=3),
-                          sampler="ddpm", t_start=1) for _ in range(2)]
+                          ScoreSettings(sampler="ddpm", t_start=1)) for _ in range(2)]
     assert np.array_equal(runs[0].score, runs[1].score) and runs[0].score.max() > 0
     assert runs[0].score.shape == nib.load(item["image"]).shape[:3]
     assert runs[0].grid["map"].shape == (1, 32, 32, runs[0].grid["image"].shape[-1])
+
+
+def test_calibrated_patched_ensemble_scores_and_records_reconstruction(trained):
+    """Every optional map step at once, through score_split: healthy calibration from the cache's
+    validation slices, patched sampler, a t_L ensemble, 3D median and the component filter."""
+    cache = next(Path(trained["cache_dir"]).glob("*/cache.json")).parent
+    settings = ScoreSettings(sampler="patched", patch_size=16, t_start=[5, 10], ddim_steps=1, residual_norm="intensity",
+                             median_3d=3, min_component_voxels=3)
+    kwargs = _score_kwargs(trained, sections=("validation", "test"))
+    out = score_split(**{**kwargs, "settings": settings, "calibration_cache": cache,
+                         "out_dir": Path(trained["output_dir"]) / "calibrated"})
+    index = read_index(out)
+    assert index["settings"]["t_start"] == [5, 10] and index["settings"]["calibration"]["residual_norm"] == "intensity"
+    assert index["settings"]["calibration"]["component_threshold"] > 0
+    with np.load(out / "calibration.npz") as stats:
+        assert stats["mean"].shape == stats["std"].shape == (1, 42) and (stats["std"] > 0).all()
+    for entry in index["subjects"].values():
+        recon = entry["recon"]
+        assert recon["healthy_voxels"] > 0 and recon["healthy_residual_sum"] > 0 and recon["healthy_slices"] > 0
+        assert 0 < recon["ssim_sum"] <= recon["healthy_slices"]
+    with pytest.raises(InputError, match="calibration_cache"):
+        score_split(**{**kwargs, "settings": settings})

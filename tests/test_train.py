@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from ignite.engine import Events
 from pipeline.bundle import config_files, make_workflow, run_bundle
 from pipeline.errors import InputError
 from pipeline.noise import make_noise
-from pipeline.train import diffusion_unet, load_checkpoint, make_scheduler
+from pipeline.train import diffusion_unet, load_checkpoint, make_scheduler, total_steps, warmup_cosine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -181,3 +182,29 @@ def test_bundle_metadata_verifies_against_the_kept_schema():
                              "--filepath", str(schema)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "metadata is verified with no error" in result.stdout + result.stderr
+
+
+def test_training_length_in_steps_and_warmup_cosine_schedule(synth_root, shared, tmp_path):
+    """train_steps stops after exactly that many optimiser steps (mid-epoch too), and the learning
+    rate follows warm-up then cosine decay to the final fraction."""
+    settings = tiny(synth_root, tmp_path, shared, train_steps=5, learning_rate=0.01, lr_warmup_steps=2,
+                    lr_final_fraction=0.1, val_interval=100)
+    flow = run_bundle("train", **settings)
+    trainer = flow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 5 and (tmp_path / "models" / "model.pt").is_file()
+    assert trainer.state.epoch_length > 5  # so the run stopped inside its first epoch
+    lr = flow.parser.get_parsed_content("optimizer").param_groups[0]["lr"]
+    assert lr == pytest.approx(0.001)  # 5 steps taken: the schedule has reached its end
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = warmup_cosine(optimizer, warmup_steps=4, total=14, final_fraction=0.2)
+    seen = []
+    for _ in range(15):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert seen[9] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert seen[14] == pytest.approx(0.2) and all(a >= b for a, b in zip(seen[3:], seen[4:]))
+    with pytest.raises(InputError, match="train_steps"):
+        total_steps(0, 1, [])

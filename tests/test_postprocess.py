@@ -1,0 +1,160 @@
+"""Scoring choices checked on what they compute: fast sampler, patched noising, t_L ensembles,
+healthy-residual normalisation, 3D median, component filter, multi-modal maps and the baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.noise import make_noise
+from pipeline.postprocess import HealthyResidualStats, median_filter_3d, remove_small_components
+from pipeline.samplers import (ddim_reconstruct, noise_patch, patch_grid, patch_masks, patched_reconstruct,
+                               x0_reconstruct)
+from pipeline.score import ScoreSettings, map_from_residual, noise_streams, reconstruct
+from pipeline.train import NoisePrepareBatch, clean_outside, make_scheduler
+from test_score import Oracle, _slices
+
+
+class Linear:
+    """A fixed, deterministic 'network': output = 0.5 * x_t + t / 1000 (any prediction type)."""
+
+    def __call__(self, x, t):
+        return 0.5 * x + t.view(-1, 1, 1, 1).to(x) / 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# samplers
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v_prediction"])
+def test_fast_sampler_is_one_ddim_step_computed_by_hand(prediction):
+    scheduler = make_scheduler(prediction_type=prediction)
+    x0, t = _slices(n=2, dtype=torch.float64), 300
+    noise = make_noise("gaussian", seed=5)
+    eps = make_noise("gaussian", seed=5)((2, 1, 16, 16), dtype=torch.float64)
+    abar = float(scheduler.alphas_cumprod[t])
+    x_t = abar**0.5 * x0 + (1 - abar) ** 0.5 * eps
+    out = 0.5 * x_t + t / 1000
+    expected = {"epsilon": (x_t - (1 - abar) ** 0.5 * out) / abar**0.5, "sample": out,
+                "v_prediction": abar**0.5 * x_t - (1 - abar) ** 0.5 * out}[prediction].clamp(-1, 1)
+    torch.testing.assert_close(ddim_reconstruct(Linear(), x0, t, scheduler, noise, steps=1), expected)
+    torch.testing.assert_close(x0_reconstruct(Linear(), x0, t, scheduler, make_noise("gaussian", seed=5)), expected)
+
+
+def test_patch_grid_covers_every_pixel():
+    assert patch_grid(64, 32) == [0, 32]
+    assert patch_grid(20, 8) == [0, 8, 12]
+    masks = patch_masks(20, 20, 8)
+    assert masks.shape == (9, 1, 20, 20) and (masks.sum(0) >= 1).all()
+
+
+def test_patched_noising_leaves_pixels_outside_the_patch_untouched():
+    scheduler = make_scheduler()
+    x0, eps = _slices(n=2), _slices(n=2, seed=1)
+    mask = patch_masks(16, 16, 8)[1:2].expand(2, -1, -1, -1)
+    x_t = noise_patch(x0, eps, 400, scheduler, mask)
+    outside = mask == 0
+    assert torch.equal(x_t[outside.expand_as(x_t)], x0[outside.expand_as(x0)])
+    assert not torch.allclose(x_t[~outside.expand_as(x_t)], x0[~outside.expand_as(x0)])
+    # training goes through MONAI's add_noise: the adjusted noise gives the same clean context
+    noise = clean_outside(x0, eps, torch.tensor([400, 700]), scheduler, mask)
+    noisy = scheduler.add_noise(x0, noise, torch.tensor([400, 700]))
+    torch.testing.assert_close(noisy[outside.expand_as(noisy)], x0[outside.expand_as(x0)], atol=1e-5, rtol=0)
+
+
+def test_patched_training_batches_noise_one_patch_per_slice():
+    scheduler = make_scheduler(prediction_type="sample")
+    prepare = NoisePrepareBatch(scheduler, make_noise("gaussian", seed=1), seed=2, patch_size=8)
+    images = _slices(n=4, size=16)
+    _, target, _, kwargs = prepare({"image": images})
+    noisy = scheduler.add_noise(images, kwargs["noise"], kwargs["timesteps"])
+    changed = (noisy - images).abs() > 1e-5
+    assert torch.equal(target, images)
+    for i in range(4):  # the noised pixels of each slice fit inside one 8x8 square
+        rows, cols = torch.nonzero(changed[i, 0], as_tuple=True)
+        assert 0 < len(rows) <= 64 and rows.max() - rows.min() < 8 and cols.max() - cols.min() < 8
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_oracle_patched_reconstruction_is_exact(steps):
+    scheduler = make_scheduler(prediction_type="sample")
+    x0 = _slices(n=3, size=16, dtype=torch.float64)
+    recon = patched_reconstruct(Oracle(scheduler, x0.repeat_interleave(4, dim=0)), x0, 300, scheduler,
+                                make_noise("gaussian"), steps=steps, patch_size=8)
+    torch.testing.assert_close(recon, x0, atol=1e-9, rtol=0)
+
+
+def test_t_ensemble_averages_the_residuals_of_each_level():
+    scheduler = make_scheduler(prediction_type="sample")
+    x = _slices(n=2, size=16)
+    noise = make_noise("gaussian", seed=4)
+    both = ScoreSettings(t_start=[100, 300], ddim_steps=1)
+    residual, recon = reconstruct(Linear(), x, scheduler, noise_streams(noise, "s", both), both)
+    singles = []
+    for t in (100, 300):
+        one = ScoreSettings(t_start=t, ddim_steps=1)
+        singles.append(reconstruct(Linear(), x, scheduler, noise_streams(noise, "s", one), one))
+    torch.testing.assert_close(residual, (singles[0][0] + singles[1][0]) / 2)
+    torch.testing.assert_close(recon, (singles[0][1] + singles[1][1]) / 2)
+    assert not torch.allclose(singles[0][0], singles[1][0])
+
+
+# ----------------------------------------------------------------------------------------------
+# maps
+
+
+def test_residual_normalisation_gives_known_z_scores():
+    """Healthy residuals with a known mean / std per position (or per intensity bin) -> exact z-scores."""
+    n, h, w = 400, 4, 4
+    signs = torch.where(torch.arange(n) % 2 == 0, -1.0, 1.0).view(n, 1, 1, 1).expand(n, 1, h, w)
+    mean = torch.linspace(0.1, 0.4, h * w).view(1, 1, h, w)
+    healthy = (mean + 0.05 * signs).double()  # exactly mean +- std, half each way
+    x = torch.full((n, 1, h, w), 0.5, dtype=torch.float64)
+    brain = torch.ones(n, 1, h, w)
+    stats = HealthyResidualStats.fit("position", healthy, x, brain)
+    np.testing.assert_allclose(stats.mean[0].reshape(h, w), mean[0, 0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(stats.std[0], 0.05, atol=1e-6)
+    test = mean + 0.05 * torch.tensor([0.0, 1.0, 3.0, -2.0]).repeat(4).view(1, 1, h, w)
+    z = stats.normalise(test.double(), x[:1])
+    np.testing.assert_allclose(z.view(-1).numpy(), np.array([0, 1, 3, 0] * 4), atol=1e-5)  # negatives clamp to 0
+
+    # intensity bins: dark pixels have residual 0.1 +- 0.02, bright ones 0.3 +- 0.1
+    xs = torch.where(torch.arange(w).view(1, 1, 1, w) < 2, 0.2, 1.0).expand(n, 1, h, w).double()
+    res = torch.where(xs < 0.5, 0.1 + 0.02 * signs, 0.3 + 0.1 * signs)
+    stats = HealthyResidualStats.fit("intensity", res, xs, brain)
+    z = stats.normalise(torch.tensor([[[[0.14, 0.14, 0.5, 0.5]]]], dtype=torch.float64), xs[:1, :, :1])
+    np.testing.assert_allclose(z.view(-1).numpy(), [2.0, 2.0, 2.0, 2.0], atol=1e-5)
+
+
+def test_3d_median_removes_a_speck_and_keeps_a_block():
+    volume = torch.zeros(1, 12, 12, 12)
+    volume[0, 2, 2, 2] = 5.0
+    volume[0, 5:10, 5:10, 5:10] = 1.0
+    out = median_filter_3d(volume, 3)
+    assert out[0, 2, 2, 2] == 0 and out[0, 7, 7, 7] == 1.0
+    assert torch.equal(median_filter_3d(volume, 1), volume)
+
+
+def test_component_filter_clamps_small_components_only():
+    volume = np.zeros((10, 10, 10), np.float32)
+    volume[1, 1, 1] = 0.9  # 1-voxel speck
+    volume[5:8, 5:8, 5:8] = 0.8  # 27-voxel component
+    out = remove_small_components(volume, threshold=0.5, min_voxels=8)
+    assert out[1, 1, 1] == 0.5 and (out[5:8, 5:8, 5:8] == 0.8).all()
+    assert np.array_equal(remove_small_components(volume, 0.5, 0), volume)
+
+
+def test_multimodal_map_takes_the_largest_channel_and_baseline_reads_flair_only():
+    x = torch.zeros(1, 4, 12, 12)
+    x[:, 0] = 0.5  # FLAIR
+    x[:, 3, 5:8, 5:8] = 0.9  # an anomaly visible on T2w only
+    brain = torch.ones(1, 1, 12, 12)
+    recon = x.clone()
+    recon[:, 3, 5:8, 5:8] = 0.3
+    settings = ScoreSettings(median_size=1, erode_iters=0)
+    m = map_from_residual((x - recon).abs(), x, brain, settings)
+    assert m[0, 0, 6, 6] == pytest.approx(0.6) and m[0, 0, 0, 0] == 0
+    baseline = ScoreSettings(sampler="flair")
+    residual, _ = reconstruct(None, x, None, [], baseline, flair_channel=0)
+    assert residual.shape == (1, 1, 12, 12) and torch.equal(residual[0, 0], x[0, 0])
