@@ -144,3 +144,20 @@ def test_ensembles_overrides_and_study_protocols(tmp_path):
 def test_shipped_protocols_parse(name):
     protocol = load_protocol(REPO / "configs" / "benchmark" / name)
     assert expand_methods(protocol)
+
+
+def test_real_data_protocol_runs_on_tiny_data_through_overrides(synth_root, tmp_path):
+    """configs/benchmark/msd-task01.yaml, shrunk by --set overrides to seconds on the test data,
+    goes through train, calibrated scoring, evaluation and the leaderboard."""
+    overrides = {"dataset.dir": str(synth_root), "bundle.image_size": 32, "bundle.pixdim": [4.0, 4.0, 4.0],
+                 "bundle.unet_channels": [32, 32, 32], "bundle.attention_levels": [False, False, False],
+                 "bundle.train_steps": 2, "bundle.batch_size": 16, "bundle.num_workers": 1,
+                 "bundle.lr_warmup_steps": 1, "evaluation.bootstrap_resamples": 50}
+    path = REPO / "configs" / "benchmark" / "msd-task01.yaml"
+    runs = run_benchmark(path, tmp_path / "results", tmp_path / "leaderboard.csv", progress=False, overrides=overrides)
+    assert [r.name for r in runs] == ["flair-baseline-s0", "flair-baseline-m3d-s0", "x0-4ch-s0"]
+    index = json.loads((runs[2] / "scores" / "index.json").read_text())["settings"]
+    assert index["sampler"] == "x0" and index["residual_norm"] == "position" and index["preprocess"]["image_size"] == 32
+    assert len(index["preprocess"]["modalities"]) == 4
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert len(board) == 3 and set(board["protocol_id"]) == {"msd-task01-v1"}
