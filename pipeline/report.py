@@ -44,10 +44,12 @@ def write_report(path: Path, scores_dir: Path, index: dict, volumes: dict, test,
     titles = ("input (ch 0)", "reconstruction", "anomaly map", "ground truth", f"prediction (> {threshold:.3g})")
     for i, row in enumerate(rows):
         panels = (row["image"][0], row["recon"][0], row["map"][0], row["tumour"], row["map"][0] > threshold)
+        grey = max(float(row["image"][0].max()), 1e-6)  # input and reconstruction on one grey scale
+        limits = (grey, grey, vmax, 1, 1)
         for j, (panel, title) in enumerate(zip(panels, titles)):
             ax = fig.add_subplot(grid[i, j])
             ax.imshow(np.rot90(panel), cmap="inferno" if j == 2 else "gray",
-                      vmin=0, vmax=vmax if j == 2 else (1 if j != 1 else None))
+                      vmin=0, vmax=limits[j])
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_title(title if i == 0 else "", fontsize=10)
             if j == 0:
