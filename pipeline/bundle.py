@@ -11,6 +11,7 @@ CONFIGS = {
     "train": ["common.yaml", "train.yaml"],
     "multi_gpu_train": ["common.yaml", "train.yaml", "multi_gpu_train.yaml"],
     "inference": ["common.yaml", "inference.yaml"],
+    "multi_gpu_inference": ["common.yaml", "inference.yaml", "multi_gpu_inference.yaml"],
     "evaluate": ["common.yaml", "evaluate.yaml"],
 }
 

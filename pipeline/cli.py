@@ -50,7 +50,7 @@ def _cmd_bundle(workflow: str):
     def run(args) -> None:
         overrides = parse_overrides(args.settings)
         if getattr(args, "nproc", 1) > 1:
-            _run_torchrun("multi_gpu_train", args.nproc, overrides)
+            _run_torchrun(f"multi_gpu_{workflow}", args.nproc, overrides)
             return
         from .bundle import run_bundle
 
@@ -170,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bundle("train"), bundle=True)
 
     p = sub.add_parser("score", help="anomaly maps for validation + test subjects (the bundle's inference config)",
-                       epilog="Settings as --key value: --sampler ddim|ddpm|flair --t_start 250 --ddim_steps 10 "
+                       epilog="Settings as --key value: --sampler x0|ddim|ddpm|patched|flair --t_start 150 --ddim_steps 10 "
                               "--n_draws 1 --model_path PATH --scores_dir DIR.")
+    p.add_argument("--nproc", type=int, default=1, help="processes that share the subjects (torchrun; gloo on CPU)")
     p.set_defaults(func=_cmd_bundle("inference"), bundle=True, tracking=None)
 
     p = sub.add_parser("evaluate", help="metrics.json, per-subject CSV, report.png from saved maps (evaluate config)",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -480,22 +481,71 @@ def score_split(dataset_dir: str | os.PathLike, split: dict, preprocess: Preproc
     index_settings = {**settings.to_dict(), "threshold": threshold, "model_path": None if baseline else str(model_path),
                       "noise": repr(noise_generator), "prediction_type": str(scheduler.prediction_type),
                       "preprocess": preprocess.to_dict(), "calibration": calibration.to_dict()}
+    rank, world = _rank_and_world()
+    jobs = [(section, by_subject[name]) for section in sections for name in split[section]]
+    score = dict(preprocess=preprocess, model=model, scheduler=scheduler, noise_generator=noise_generator,
+                 settings=settings, device=device, calibration=calibration, flair_index=flair_index,
+                 threshold=threshold, progress=progress and rank == 0)
     out_dir = Path(out_dir)
+    if world == 1:
+        with atomic_dir(out_dir) as tmp:
+            _write_scores(tmp, jobs, index_settings, **score)
+        return out_dir
+    part = out_dir.with_name(f".{out_dir.name}.rank{rank}")  # each rank writes its own share, atomically
+    with atomic_dir(part) as tmp:
+        _write_scores(tmp, jobs[rank::world], index_settings, **score)
+    _barrier()
+    if rank == 0:
+        merge_shards([out_dir.with_name(f".{out_dir.name}.rank{r}") for r in range(world)], out_dir,
+                     [item["subject"] for _, item in jobs])
+    _barrier()
+    return out_dir
+
+
+def _write_scores(folder: Path, jobs: list[tuple[str, dict]], index_settings: dict, calibration: Calibration,
+                  preprocess, model, scheduler, noise_generator, settings, device, flair_index, threshold,
+                  progress) -> None:  # noqa: PLR0913 - the keyword bundle built once in score_split
+    """Score ``jobs`` ((section, subject item) pairs) into ``folder``: maps, index.json, calibration."""
+    subjects = {}
+    for section, item in tqdm(jobs, desc="score", unit="subject", disable=not progress):
+        transform = preprocess_transforms(preprocess, with_label=bool(item.get("label")))
+        result = score_subject(item, transform, model, scheduler, noise_generator, settings, device,
+                               calibration, flair_index)
+        files = save_subject(result, folder / section, threshold)
+        subjects[result.subject] = {"section": section, "seconds": round(result.seconds, 3),
+                                    "files": {k: f"{section}/{v}" for k, v in files.items()},
+                                    "recon": result.recon_stats}
+    if calibration.stats is not None:
+        np.savez(folder / "calibration.npz", **calibration.stats.to_arrays())
+    write_json(folder / "index.json", {"format": INDEX_FORMAT, "settings": index_settings, "subjects": subjects})
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (1 outside ``torchrun``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def merge_shards(parts: Sequence[Path], out_dir: Path, order: Sequence[str]) -> Path:
+    """Merge the ranks' score folders into ``out_dir`` (atomically): files moved, one index in the
+    single-process subject order, the parts removed."""
+    indexes = [read_index(part) for part in parts]
+    subjects = {name: row for index in indexes for name, row in index["subjects"].items()}
     with atomic_dir(out_dir) as tmp:
-        subjects = {}
-        for section in sections:
-            items = [by_subject[s] for s in split[section]]
-            for item in tqdm(items, desc=f"score {section}", unit="subject", disable=not progress):
-                transform = preprocess_transforms(preprocess, with_label=bool(item.get("label")))
-                result = score_subject(item, transform, model, scheduler, noise_generator, settings, device,
-                                       calibration, flair_index)
-                files = save_subject(result, tmp / section, threshold)
-                subjects[result.subject] = {"section": section, "seconds": round(result.seconds, 3),
-                                            "files": {k: f"{section}/{v}" for k, v in files.items()},
-                                            "recon": result.recon_stats}
-        if calibration.stats is not None:
-            np.savez(tmp / "calibration.npz", **calibration.stats.to_arrays())
-        write_json(tmp / "index.json", {"format": INDEX_FORMAT, "settings": index_settings, "subjects": subjects})
+        for part in parts:
+            for path in sorted(part.rglob("*")):
+                if path.is_file() and path.name != "index.json":
+                    target = tmp / path.relative_to(part)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+        write_json(tmp / "index.json", {**indexes[0], "subjects": {name: subjects[name] for name in order}})
+    for part in parts:
+        shutil.rmtree(part, ignore_errors=True)
     return out_dir
 
 

@@ -182,12 +182,13 @@ def clean_outside(images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Te
 
 def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_size: int = 32,
                  shuffle: bool = True, num_workers: int = 0, distributed: bool = False,
-                 seed: int = 0) -> DataLoader:
+                 seed: int = 0, pin_memory: bool = False) -> DataLoader:
     """Loader over cached healthy slices; a DistributedSampler shards them across ranks."""
     dataset = SliceDataset(cache_dir, section)
     sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0)
+                      num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0,
+                      pin_memory=bool(pin_memory))
 
 
 # ----------------------------------------------------------------------------------------------

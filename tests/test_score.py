@@ -312,3 +312,33 @@ def test_calibrated_patched_ensemble_scores_and_records_reconstruction(trained):
         assert 0 < recon["ssim_sum"] <= recon["healthy_slices"]
     with pytest.raises(InputError, match="calibration_cache"):
         score_split(**{**kwargs, "settings": settings})
+
+
+def test_two_process_sharded_scoring_equals_single_process(trained):
+    """`pipeline score --nproc 2`'s overlay: each gloo rank scores half the subjects, rank 0 merges;
+    the merged folder holds the same maps and index as one process writes."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.bundle import config_files
+    from test_train import REPO, as_cli
+
+    settings = {**trained, "sampler": "x0", "t_start": 10, "residual_norm": "position", "median_3d": 3}
+    single = Path(trained["output_dir"]) / "single"
+    run_bundle("inference", **settings, scores_dir=str(single))
+    sharded = Path(trained["output_dir"]) / "sharded"
+    files = "[" + ",".join(f"'{f}'" for f in config_files("multi_gpu_inference")) + "]"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+           "-m", "monai.bundle", "run", "--config_file", files, *as_cli({**settings, "scores_dir": str(sharded)})]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = read_index(single), read_index(sharded)
+    assert list(one["subjects"]) == list(two["subjects"]) and one["settings"] == two["settings"]
+    for name, row in one["subjects"].items():
+        assert row["files"] == two["subjects"][name]["files"] and row["recon"] == two["subjects"][name]["recon"]
+        np.testing.assert_array_equal(nib.load(single / row["files"]["score"]).get_fdata(),
+                                      nib.load(sharded / row["files"]["score"]).get_fdata())
+    assert (sharded / "calibration.npz").is_file()
+    assert not [p for p in sharded.parent.iterdir() if ".rank" in p.name]  # the shards were merged away

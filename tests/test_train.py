@@ -74,6 +74,13 @@ def test_same_seed_gives_identical_weights(synth_root, shared, tmp_path):
     run_bundle("train", **tiny(synth_root, tmp_path / "c", shared, seed=6))
     c = _weights(tmp_path / "c/models/model.pt")
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    # the GPU path's settings run on CPU and change nothing there: AMP (CUDA autocast, a no-op on CPU),
+    # torch.compile (eager backend here; the compiled module's weights are the network's own), a loader
+    # worker and pinned memory off
+    run_bundle("train", **tiny(synth_root, tmp_path / "d", shared, seed=5, amp=True, compile=True,
+                               compile_backend="eager", train_workers=1, pin_memory=False))
+    d = _weights(tmp_path / "d/models/model.pt")
+    assert d.keys() == a.keys() and all(torch.allclose(a[k], d[k], atol=1e-6) for k in a)
 
 
 def _bundle_cmd(settings: dict, workflow: str = "train") -> list[str]:
@@ -187,14 +194,14 @@ def test_bundle_metadata_verifies_against_the_kept_schema():
 def test_training_length_in_steps_and_warmup_cosine_schedule(synth_root, shared, tmp_path):
     """train_steps stops after exactly that many optimiser steps (mid-epoch too), and the learning
     rate follows warm-up then cosine decay to the final fraction."""
-    settings = tiny(synth_root, tmp_path, shared, train_steps=5, learning_rate=0.01, lr_warmup_steps=2,
+    settings = tiny(synth_root, tmp_path, shared, train_steps=3, learning_rate=0.01, lr_warmup_steps=2,
                     lr_final_fraction=0.1, val_interval=100)
     flow = run_bundle("train", **settings)
     trainer = flow.parser.get_parsed_content("train#trainer")
-    assert trainer.state.iteration == 5 and (tmp_path / "models" / "model.pt").is_file()
-    assert trainer.state.epoch_length > 5  # so the run stopped inside its first epoch
+    assert trainer.state.iteration == 3 and (tmp_path / "models" / "model.pt").is_file()
+    assert trainer.state.epoch_length > 3  # so the run stopped inside its first epoch
     lr = flow.parser.get_parsed_content("optimizer").param_groups[0]["lr"]
-    assert lr == pytest.approx(0.001)  # 5 steps taken: the schedule has reached its end
+    assert lr == pytest.approx(0.001)  # 3 steps taken: the schedule has reached its end
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     schedule = warmup_cosine(optimizer, warmup_steps=4, total=14, final_fraction=0.2)
