@@ -196,11 +196,11 @@ def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_siz
 
 
 def total_steps(train_steps: int | None, epochs: int | None, loader: DataLoader) -> int:
-    """Optimiser steps of the run: ``train_steps`` when given (comparable across data sizes), else
-    ``epochs`` passes over the loader."""
-    if train_steps is not None:
+    """Optimiser steps of the run: ``train_steps`` when positive (comparable across data sizes), else
+    (0 or None) ``epochs`` passes over the loader. 0 exists because bundle overrides drop None values."""
+    if train_steps:
         if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
-            raise InputError("train_steps", f"must be a positive integer or null, got {train_steps!r}")
+            raise InputError("train_steps", f"must be a positive integer, or 0 to train epochs, got {train_steps!r}")
         return train_steps
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise InputError("epochs", f"must be a positive integer (or set train_steps), got {epochs!r}")

@@ -24,7 +24,7 @@ def tiny_protocol(path: Path, dataset_dir: Path) -> Path:
         "id": "tiny-v1",
         "dataset": {"dir": str(dataset_dir)},
         "split": {"seed": 1},
-        "bundle": {"image_size": 32, "pixdim": [4.0, 4.0, 4.0], "unet_channels": [32, 32, 32], "epochs": 1,
+        "bundle": {"image_size": 32, "pixdim": [4.0, 4.0, 4.0], "unet_channels": [32, 32, 32], "epochs": 1, "train_steps": 0,
                    "batch_size": 16, "num_workers": 1, "score_batch_size": 128},
         "evaluation": {"bootstrap_resamples": 100},
         "methods": [

@@ -42,7 +42,9 @@ def test_traced_network_has_the_checkpoint_parameters():
 def test_ckpt_export_gives_torchscript_equal_to_checkpoint(synth_root, tmp_path):
     run_bundle("train", **tiny(synth_root, tmp_path / "run", tmp_path / "shared"))
     model_pt, model_ts = tmp_path / "run" / "models" / "model.pt", tmp_path / "model.ts"
-    cmd = export_command(model_pt, model_ts, image_size=32, unet_channels=[32, 32, 32])
+    architecture = {k: v for k, v in tiny(synth_root, tmp_path, tmp_path).items()
+                    if k in ("image_size", "unet_channels", "attention_levels", "norm_num_groups", "modalities")}
+    cmd = export_command(model_pt, model_ts, **architecture)
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 

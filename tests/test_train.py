@@ -23,11 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny(dataset: Path, out: Path, shared: Path, **extra) -> dict:
-    """Overrides for a few-second run: 32x32, 4 mm, small UNet, shared split + cache."""
+    """Overrides for a few-second run: 32x32, 4 mm, FLAIR, small UNet, one epoch, shared split + cache."""
     settings = dict(dataset_dir=str(dataset), output_dir=str(out), ckpt_dir=str(out / "models"),
                     split_file=str(shared / "split.json"), cache_dir=str(shared / "cache"),
-                    image_size=32, pixdim=[4.0, 4.0, 4.0], unet_channels=[32, 32, 32], batch_size=16,
-                    epochs=1, progress=False, num_workers=1)
+                    image_size=32, pixdim=[4.0, 4.0, 4.0], unet_channels=[32, 32, 32],
+                    attention_levels=[False, False, True], norm_num_groups=32, modalities=["FLAIR"],
+                    prediction_type="epsilon", batch_size=16, epochs=1, train_steps=0, progress=False,
+                    num_workers=1)
     settings.update(extra)
     return settings
 
@@ -214,4 +216,4 @@ def test_training_length_in_steps_and_warmup_cosine_schedule(synth_root, shared,
     assert seen[9] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
     assert seen[14] == pytest.approx(0.2) and all(a >= b for a, b in zip(seen[3:], seen[4:]))
     with pytest.raises(InputError, match="train_steps"):
-        total_steps(0, 1, [])
+        total_steps(-1, 1, [])
