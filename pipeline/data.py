@@ -334,7 +334,31 @@ def robust_brain_median(values: torch.Tensor, iterations: int = 5) -> torch.Tens
     return centre
 
 
-class ScaleBrainMediand(MapTransform):
+class _ScaleBrainChannelsd(MapTransform):
+    """Scale each channel from statistics of its brain voxels; background stays 0."""
+
+    def __init__(self, keys: KeysCollection, brain_key: str = "brain"):
+        super().__init__(keys)
+        self.brain_key = brain_key
+
+    def scale(self, channel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, data):
+        d = dict(data)
+        brain = d[self.brain_key][0] > 0.5
+        for key in self.key_iterator(d):
+            image = d[key]
+            out = torch.zeros_like(image)
+            for c in range(image.shape[0]):
+                values = _brain_values(image[c], brain)
+                if values.numel():
+                    out[c] = torch.where(brain, self.scale(image[c], values), torch.zeros_like(image[c]))
+            d[key] = out
+        return d
+
+
+class ScaleBrainMediand(_ScaleBrainChannelsd):
     """Divide each channel by its robust brain median so healthy tissue lands near ``level`` (0.5).
 
     Lesion-robust: the anchor is the bulk of healthy tissue, not an upper percentile that a
@@ -345,27 +369,15 @@ class ScaleBrainMediand(MapTransform):
 
     def __init__(self, keys: KeysCollection, brain_key: str = "brain", level: float = MEDIAN_LEVEL,
                  clip: float = MEDIAN_CLIP):
-        super().__init__(keys)
-        self.brain_key, self.level, self.clip = brain_key, level, clip
+        super().__init__(keys, brain_key)
+        self.level, self.clip = level, clip
 
-    def __call__(self, data):
-        d = dict(data)
-        brain = d[self.brain_key][0] > 0.5
-        for key in self.key_iterator(d):
-            image = d[key]
-            out = torch.zeros_like(image)
-            for c in range(image.shape[0]):
-                values = _brain_values(image[c], brain)
-                if values.numel() == 0:
-                    continue
-                anchor = robust_brain_median(values)
-                scaled = (image[c] * (self.level / torch.clamp(anchor, min=1e-6))).clamp(0, self.clip * self.level)
-                out[c] = torch.where(brain, scaled, torch.zeros_like(scaled))
-            d[key] = out
-        return d
+    def scale(self, channel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        anchor = robust_brain_median(values)
+        return (channel * (self.level / torch.clamp(anchor, min=1e-6))).clamp(0, self.clip * self.level)
 
 
-class ScaleBrainPercentilesd(MapTransform):
+class ScaleBrainPercentilesd(_ScaleBrainChannelsd):
     """Map each channel's [p_lower, p_upper] over brain voxels to [0, 1]; background stays 0.
 
     The first release's scaling, kept for old protocols. Not lesion-robust: in a tumour subject the
@@ -373,24 +385,12 @@ class ScaleBrainPercentilesd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection, brain_key: str = "brain", lower: float = 1.0, upper: float = 99.0):
-        super().__init__(keys)
-        self.brain_key, self.lower, self.upper = brain_key, lower, upper
+        super().__init__(keys, brain_key)
+        self.lower, self.upper = lower, upper
 
-    def __call__(self, data):
-        d = dict(data)
-        brain = d[self.brain_key][0] > 0.5
-        for key in self.key_iterator(d):
-            image = d[key]
-            out = torch.zeros_like(image)
-            for c in range(image.shape[0]):
-                values = _brain_values(image[c], brain)
-                if values.numel() == 0:
-                    continue
-                lo, hi = torch.quantile(values, torch.tensor([self.lower, self.upper]) / 100)
-                scaled = ((image[c] - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(0, 1)
-                out[c] = torch.where(brain, scaled, torch.zeros_like(scaled))
-            d[key] = out
-        return d
+    def scale(self, channel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        lo, hi = torch.quantile(values, torch.tensor([self.lower, self.upper]) / 100)
+        return ((channel - lo) / torch.clamp(hi - lo, min=1e-6)).clamp(0, 1)
 
 
 def intensity_transform(cfg: "PreprocessConfig") -> MapTransform:
