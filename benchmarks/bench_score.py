@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from common import machine
 
-from pipeline.benchmark import _score_settings, _train_settings, config_hash, expand_methods, is_baseline, load_protocol
+from pipeline.benchmark import entry_score_settings, entry_train_settings, config_hash, expand_methods, is_baseline, load_protocol
 from pipeline.bundle import make_workflow
 from pipeline.data import load_subjects, preprocess_transforms
 from pipeline.metrics import ScoreAccumulator
@@ -35,12 +35,12 @@ from pipeline.score import load_model, noise_streams, reconstruct, score_subject
 
 def _workflow(protocol: dict, results: Path):
     entry = next(e for e in expand_methods(protocol) if not is_baseline(e))
-    train = _train_settings(protocol, entry)
+    train = entry_train_settings(protocol, entry)
     model_dir = results / "models" / config_hash(train)
     if not (model_dir / "model.pt").is_file():
         raise SystemExit(f"error: {model_dir}: no trained model; run `pipeline benchmark {protocol['path']}` first")
     root = protocol["dataset"]["dir"]
-    flow = make_workflow("inference", **train, **_score_settings(protocol, entry), dataset_dir=root,
+    flow = make_workflow("inference", **train, **entry_score_settings(protocol, entry), dataset_dir=root,
                          split_file=str(results / "split.json"), cache_dir=str(results / "cache"),
                          model_path=str(model_dir / "model.pt"), progress=False)
     return entry, flow

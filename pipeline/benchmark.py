@@ -185,14 +185,15 @@ def ensure_dataset(protocol: dict, progress: bool = True) -> Path:
     return root
 
 
-def _train_settings(protocol: dict, entry: dict) -> dict:
+def entry_train_settings(protocol: dict, entry: dict) -> dict:
     """What the model depends on (not how it is scored): entries sharing these share a model."""
     bundle = {k: v for k, v in protocol.get("bundle", {}).items() if k not in SCORE_KEYS}
     own = {k: v for k, v in entry.items() if k not in SCORE_KEYS and k not in ENTRY_KEYS}
-    return {**bundle, "noise": "gaussian", **own}
+    return {"noise": "gaussian", **bundle, **own}  # the protocol's noise, when it names one, wins over the default
 
 
-def _score_settings(protocol: dict, entry: dict) -> dict:
+def entry_score_settings(protocol: dict, entry: dict) -> dict:
+    """How an entry scores (protocol bundle, then the entry's own) and which sections it scores."""
     bundle = {k: v for k, v in protocol.get("bundle", {}).items() if k in SCORE_KEYS}
     sections = protocol.get("evaluation", {}).get("sections", ["validation", "test"])
     return {**bundle, **{k: v for k, v in entry.items() if k in SCORE_KEYS}, "score_sections": sections}
@@ -206,10 +207,10 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
     split = protocol.get("split", {})
     shared = {"dataset_dir": str(dataset_root), "split_file": str(results / "split.json"),
               "cache_dir": str(results / "cache"), "split_seed": split.get("seed", 0), "progress": progress}
-    train = _train_settings(protocol, entry)
+    train = entry_train_settings(protocol, entry)
     model_dir = results / "models" / ("none" if is_baseline(entry) else config_hash(train))
     train_seconds = 0.0 if is_baseline(entry) else _train_once(model_dir, train, shared, run_dir)
-    score = _score_settings(protocol, entry)
+    score = entry_score_settings(protocol, entry)
     settings = {**train, **score, **shared, "output_dir": str(run_dir), "ckpt_dir": str(model_dir),
                 "scores_dir": str(run_dir / "scores"), "evaluation_dir": str(run_dir / "evaluation"),
                 "method_name": entry["id"], "bootstrap_resamples": protocol.get("evaluation", {}).get("bootstrap_resamples", 1000)}

@@ -28,6 +28,12 @@ STD_FLOOR = 0.1
 """Per-bin standard deviations are floored at this fraction of the channel's global one (no blow-ups)."""
 
 
+def reduce_channels(residual: torch.Tensor, how: str = "max") -> torch.Tensor:
+    """(B, C, H, W) per-channel residual -> (B, 1, H, W): the largest channel (an anomaly may show on one
+    modality only) or their mean."""
+    return residual.amax(dim=1, keepdim=True) if how == "max" else residual.mean(dim=1, keepdim=True)
+
+
 def erode(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
     """Binary erosion of (B, 1, H, W) masks by a 3x3 square, per slice: drops the brain rim, where
     reconstructions of the skull-stripped edge are poor in healthy tissue too."""

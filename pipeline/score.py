@@ -40,7 +40,7 @@ from .data import preprocess_transforms
 from .errors import InputError
 from .noise import NoiseGenerator
 from .postprocess import (RESIDUAL_NORMS, HealthyResidualStats, erode, median_filter, median_filter_3d,
-                          remove_small_components)
+                          reduce_channels, remove_small_components)
 from .samplers import (Model, ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, noise_to,  # noqa: F401 (re-export)
                        patched_reconstruct, predict_x0_eps, x0_reconstruct)
 from .train import load_checkpoint, load_state
@@ -197,7 +197,7 @@ def map_from_residual(residual: torch.Tensor, x: torch.Tensor, brain: torch.Tens
     statistics, channel reduction, eroded-brain mask, 2D median filter. Zero outside the eroded brain."""
     if stats is not None:
         residual = stats.normalise(residual, x)
-    reduced = residual.amax(dim=1, keepdim=True) if settings.reduce == "max" else residual.mean(dim=1, keepdim=True)
+    reduced = reduce_channels(residual, settings.reduce)
     mask = erode(brain, settings.erode_iters)
     return median_filter(reduced * mask, settings.median_size) * mask
 
@@ -320,14 +320,15 @@ def score_subject(item: dict, transform, model: Model | None, scheduler, noise_g
         recons.append(recon.cpu())
         residuals.append(residual.cpu())
     grid_map = _postprocess_volume(_to_volume(maps, z, (1, *image.shape[1:])), settings, calibration)
-    recon_volume = _to_volume(recons, z, (recons[0].shape[1] if recons else 1, *image.shape[1:]))
+    recon_all, residual_all = torch.cat(recons), torch.cat(residuals)  # the checks refuse a brain-free image
+    recon_volume = _to_volume(recons, z, (recon_all.shape[1], *image.shape[1:]))
     grid = {"image": image.as_tensor().numpy(), "recon": recon_volume.numpy(),
             "map": grid_map.numpy(), "brain": brain.as_tensor().numpy()}
     for key in ("label", "tumour"):
         if key in data:
             grid[key] = data[key].as_tensor().numpy()
-    stats = reconstruction_stats(x_all, torch.cat(recons) if recons else x_all, torch.cat(residuals) if residuals else x_all,
-                                 brain_all, _slices(data["tumour"], z) if "tumour" in data else None, settings)
+    stats = reconstruction_stats(x_all, recon_all, residual_all, brain_all,
+                                 _slices(data["tumour"], z) if "tumour" in data else None, settings)
     score = invert_to_original(grid_map, image, transform)
     return SubjectScore(subject=item["subject"], source=str(item["image"]),
                         score=score.as_tensor()[0].numpy().astype(np.float32),
@@ -349,7 +350,7 @@ def reconstruction_stats(x: torch.Tensor, recon: torch.Tensor, residual: torch.T
     """Threshold-free figures of how well healthy anatomy is reconstructed, as sums over the
     subject (the evaluation pools them): raw residual (reduced over channels like the map) on
     healthy and on tumour brain voxels, and PSNR / SSIM (data range 1) over tumour-free brain slices."""
-    reduced = residual.amax(dim=1, keepdim=True) if settings.reduce == "max" else residual.mean(dim=1, keepdim=True)
+    reduced = reduce_channels(residual, settings.reduce)
     inside = brain > 0
     sick = tumour > 0 if tumour is not None else torch.zeros_like(inside)
     healthy_voxels, tumour_voxels = inside & ~sick, inside & sick
@@ -504,7 +505,7 @@ def score_split(dataset_dir: str | os.PathLike, split: dict, preprocess: Preproc
 
 def _write_scores(folder: Path, jobs: list[tuple[str, dict]], index_settings: dict, calibration: Calibration,
                   preprocess, model, scheduler, noise_generator, settings, device, flair_index, threshold,
-                  progress) -> None:  # noqa: PLR0913 - the keyword bundle built once in score_split
+                  progress) -> None:
     """Score ``jobs`` ((section, subject item) pairs) into ``folder``: maps, index.json, calibration."""
     subjects = {}
     for section, item in tqdm(jobs, desc="score", unit="subject", disable=not progress):

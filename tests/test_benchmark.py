@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.benchmark import (_score_settings, _train_settings, config_hash, expand_methods, load_protocol,
+from pipeline.benchmark import (entry_score_settings, entry_train_settings, config_hash, expand_methods, load_protocol,
                                 run_benchmark, validation_only)
 from pipeline.errors import InputError
 
@@ -129,10 +129,10 @@ def test_ensembles_overrides_and_study_protocols(tmp_path):
     assert [e["id"] for e in entries] == ["x0-t100+300-m3d1-s0", "x0-t100+300-m3d5-s0", "eps-s0"]
     assert validation_only(protocol)
     # scoring-only settings do not enter the model hash; training settings do
-    hashes = [config_hash(_train_settings(protocol, e)) for e in entries]
+    hashes = [config_hash(entry_train_settings(protocol, e)) for e in entries]
     assert hashes[0] == hashes[1] != hashes[2]
-    assert _score_settings(protocol, entries[0])["t_start"] == [100, 300]
-    assert _score_settings(protocol, entries[2])["t_start"] == 300  # the protocol's bundle default
+    assert entry_score_settings(protocol, entries[0])["t_start"] == [100, 300]
+    assert entry_score_settings(protocol, entries[2])["t_start"] == 300  # the protocol's bundle default
     changed = load_protocol(path, {"dataset.dir": "elsewhere", "bundle.train_steps": 20})
     assert changed["dataset"]["dir"] == "elsewhere" and changed["bundle"]["train_steps"] == 20
     assert changed["hash"] != protocol["hash"]
