@@ -23,7 +23,7 @@ import yaml
 
 from . import __version__
 from .atomic import write_json
-from .bundle import run_bundle
+from .bundle import check_plain_settings, run_bundle
 from .data import dataset_fingerprint, task_paths
 from .errors import InputError
 from .leaderboard import protocol_hash, split_fingerprint
@@ -85,6 +85,14 @@ def load_protocol(path: str | os.PathLike, overrides: dict | None = None) -> dic
     if not isinstance(dataset, dict) or "dir" not in dataset:
         raise InputError(path, "'dataset' needs 'dir' (and 'synthetic' settings to generate it)")
     return {**content, "hash": protocol_hash(content), "path": str(path)}
+
+
+def check_protocol_settings(protocol: dict, overrides: dict | None, trust_expressions: bool = False) -> None:
+    """Refuse protocol values MONAI's config parser would run (``$``, ``@``, ``%``, ``_target_``),
+    naming ``--set`` or the file they came from, unless the user trusts them."""
+    check_plain_settings(overrides or {}, "command line", trust_expressions, prefix="--set ")
+    content = {k: v for k, v in protocol.items() if k not in ("description", "hash", "path")}
+    check_plain_settings(content, protocol["path"], trust_expressions)
 
 
 def expand_methods(protocol: dict) -> list[dict]:
@@ -199,8 +207,12 @@ def entry_score_settings(protocol: dict, entry: dict) -> dict:
     return {**bundle, **{k: v for k, v in entry.items() if k in SCORE_KEYS}, "score_sections": sections}
 
 
-def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, progress: bool = True) -> Path:
-    """Train (or reuse) the model, score validation + test, evaluate; write ``run.json`` last."""
+def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, progress: bool = True,
+              trust_expressions: bool = False) -> Path:
+    """Train (or reuse) the model, score validation + test, evaluate; write ``run.json`` last.
+
+    ``trust_expressions`` lets settings through that MONAI's config parser evaluates
+    (:func:`pipeline.bundle.check_plain_settings`); without it they are refused."""
     run_dir = results / "runs" / entry["id"]
     if (run_dir / "run.json").is_file():
         return run_dir
@@ -209,15 +221,15 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
               "cache_dir": str(results / "cache"), "split_seed": split.get("seed", 0), "progress": progress}
     train = entry_train_settings(protocol, entry)
     model_dir = results / "models" / ("none" if is_baseline(entry) else config_hash(train))
-    train_seconds = 0.0 if is_baseline(entry) else _train_once(model_dir, train, shared, run_dir)
+    train_seconds = 0.0 if is_baseline(entry) else _train_once(model_dir, train, shared, run_dir, trust_expressions)
     score = entry_score_settings(protocol, entry)
     settings = {**train, **score, **shared, "output_dir": str(run_dir), "ckpt_dir": str(model_dir),
                 "scores_dir": str(run_dir / "scores"), "evaluation_dir": str(run_dir / "evaluation"),
                 "method_name": entry["id"], "bootstrap_resamples": protocol.get("evaluation", {}).get("bootstrap_resamples", 1000)}
     start = time.perf_counter()
-    run_bundle("inference", **settings)
+    run_bundle("inference", trust_expressions=trust_expressions, **settings)
     inference_seconds = time.perf_counter() - start
-    run_bundle("evaluate", **settings)
+    run_bundle("evaluate", trust_expressions=trust_expressions, **settings)
     env = environment()
     hashed = {k: v for k, v in settings.items() if k not in shared and not k.endswith("_dir") and k != "progress"}
     write_json(run_dir / "config.json", settings)
@@ -236,13 +248,14 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
     return run_dir
 
 
-def _train_once(model_dir: Path, train: dict, shared: dict, run_dir: Path) -> float:
+def _train_once(model_dir: Path, train: dict, shared: dict, run_dir: Path, trust_expressions: bool = False) -> float:
     """Train unless ``model_dir`` already holds a finished model; return the training seconds."""
     record = model_dir / "train.json"
     if (model_dir / "model.pt").is_file() and record.is_file():
         return json.loads(record.read_text())["seconds"]
     start = time.perf_counter()
-    run_bundle("train", **train, **shared, output_dir=str(model_dir), ckpt_dir=str(model_dir))
+    run_bundle("train", **train, **shared, output_dir=str(model_dir), ckpt_dir=str(model_dir),
+               trust_expressions=trust_expressions)
     seconds = time.perf_counter() - start
     write_json(record, {"seconds": round(seconds, 3), "settings": train})
     return seconds
@@ -250,24 +263,30 @@ def _train_once(model_dir: Path, train: dict, shared: dict, run_dir: Path) -> fl
 
 def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLike = "results",
                   leaderboard: str | os.PathLike | None = None, progress: bool = True,
-                  overrides: dict | None = None) -> list[Path]:
+                  overrides: dict | None = None, trust_expressions: bool = False) -> list[Path]:
     """Run every entry of the protocol; submit new runs to ``leaderboard`` (if given)."""
     from .leaderboard import submit
 
     protocol = load_protocol(protocol_path, overrides)
+    check_protocol_settings(protocol, overrides, trust_expressions)
     entries = expand_methods(protocol)
     results = Path(results_dir) / protocol["id"]
     dataset_root = ensure_dataset(protocol, progress)
     write_json(results / "protocol.json", {k: v for k, v in protocol.items() if k != "path"})
-    runs = []
+    runs, binding = [], None
     for i, entry in enumerate(entries, 1):
         done = (results / "runs" / entry["id"] / "run.json").is_file()
         print(f"[{i}/{len(entries)}] {entry['id']}: {'already done' if done else 'running'}", flush=True)
-        run_dir = run_entry(protocol, entry, results, dataset_root, progress)
+        run_dir = run_entry(protocol, entry, results, dataset_root, progress, trust_expressions)
         runs.append(run_dir)
         if leaderboard is not None and not done and not validation_only(protocol):
-            submit(run_dir, leaderboard, protocol_for_submission(protocol, results),
+            binding = binding or protocol_for_submission(protocol)
+            submit(run_dir, leaderboard, binding,
                    n_boot=protocol.get("evaluation", {}).get("bootstrap_resamples", 1000))
+    if leaderboard is not None and not validation_only(protocol) and Path(leaderboard).is_file():
+        from .site import build_site
+
+        print(f"leaderboard site: {build_site(leaderboard)}", flush=True)
     return runs
 
 
@@ -276,8 +295,18 @@ def validation_only(protocol: dict) -> bool:
     return "test" not in protocol.get("evaluation", {}).get("sections", ["test"])
 
 
-def protocol_for_submission(protocol: dict, results: Path) -> dict:
-    """What the leaderboard checks a run against: protocol id/hash, dataset and split file."""
+def canonical_split(protocol: dict) -> dict:
+    """The patient split the protocol defines (its seed over the dataset's subjects), computed
+    afresh: what a leaderboard binds to, never a split file found in a results folder."""
+    from .data import dataset_split  # keeps a hidden-label dataset's listed test subjects as the test section
+
+    return dataset_split(protocol["dataset"]["dir"], seed=protocol.get("split", {}).get("seed", 0))
+
+
+def protocol_for_submission(protocol: dict) -> dict:
+    """What a leaderboard binds to (:func:`pipeline.leaderboard.register_protocol`): the protocol's
+    id, hash and content, its dataset folder and its canonical split."""
     root, _ = task_paths(protocol["dataset"]["dir"])
-    return {"id": protocol["id"], "hash": protocol["hash"], "dataset_dir": str(root),
-            "split_file": str(results / "split.json")}
+    content = {k: v for k, v in protocol.items() if k not in ("hash", "path")}
+    return {"id": protocol["id"], "hash": protocol["hash"], "content": content, "dataset_dir": str(root),
+            "split": canonical_split(protocol)}

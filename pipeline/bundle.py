@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
+
+from .errors import InputError
 
 BUNDLE_NAME = "brats_diffusion_anomaly"
 BUNDLE_DIR = Path(__file__).resolve().parent.parent / "bundles" / BUNDLE_NAME
@@ -23,10 +26,79 @@ def config_files(workflow: str, bundle_dir: str | Path = BUNDLE_DIR) -> list[str
     return [str(Path(bundle_dir) / "configs" / name) for name in CONFIGS[workflow]]
 
 
-def make_workflow(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: str | None = None, **overrides):
-    """An initialised ``ConfigWorkflow``, exactly what ``python -m monai.bundle run`` builds."""
+EXPRESSION_PREFIXES = {"$": "run it as Python code", "@": "resolve it as a reference to another config item",
+                       "%": "replace it with content read from a config file (a macro)"}
+"""Value prefixes MONAI's config parser evaluates or resolves instead of taking the value as data."""
+SPECIAL_KEY = re.compile(r"_[A-Za-z]+_")
+"""``_target_`` (instantiate any importable callable), ``_requires_``, ``_disabled_``, ``_mode_``, ``_desc_``."""
+WORKFLOW_ARGUMENTS = frozenset({"workflow", "workflow_name", "bundle_dir", "config_file", "args_file", "meta_file",
+                                "logging_file", "tracking", "init_id", "run_id", "final_id", "workflow_type",
+                                "properties_path"})
+"""Keys that would reach ``create_workflow`` itself (other config files, another workflow class), not a setting."""
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _code_at(key, value, where: str) -> tuple[str, str] | None:
+    """(where, why) of the first thing in one setting that the config parser would run, at any depth."""
+    why = _code_key(key)
+    if why:
+        return where, why
+    if isinstance(value, str) and value.lstrip()[:1] in EXPRESSION_PREFIXES:
+        prefix = value.lstrip()[0]
+        return where, (f"value {_short(value)} starts with {prefix!r}: MONAI's config parser would "
+                       f"{EXPRESSION_PREFIXES[prefix]}")
+    if isinstance(value, dict):
+        inner = ((k, v, f"{where}.{k}") for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        inner = ((None, v, f"{where}[{i}]") for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for found in (_code_at(*args) for args in inner) if found), None)
+
+
+def _code_key(key) -> str | None:
+    """Why a key is not a plain setting, or None (list positions have no key)."""
+    if key is None:
+        return None
+    parts = re.split(r"::|#", str(key))
+    if any(SPECIAL_KEY.fullmatch(part) for part in parts):
+        return f"key {str(key)!r} makes MONAI's config parser instantiate or control a component"
+    if str(key) in WORKFLOW_ARGUMENTS:
+        return f"key {str(key)!r} is an argument of the bundle workflow itself, not a setting"
+    return None
+
+
+def check_plain_settings(settings: dict, source: str, trust_expressions: bool = False, prefix: str = "") -> None:
+    """Refuse settings that MONAI's config parser would evaluate, resolve or instantiate.
+
+    Configs are code: a ``$`` value is passed to ``eval``, ``@``/``%`` pull in other config items or
+    files, ``_target_`` calls any importable function. Values from protocol files and command lines
+    must be plain data unless the user says they trust them (``trust_expressions``). ``source`` names
+    where the settings came from (a file, "command line"); ``prefix`` goes before each key in the message.
+    """
+    if trust_expressions:
+        return
+    for key, value in settings.items():
+        found = _code_at(key, value, f"{prefix}{key}")
+        if found:
+            raise InputError(source, f"{found[0]}: {found[1]}; refused unless you pass --trust-expressions "
+                                     "(only for files and values you trust)")
+
+
+def make_workflow(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: str | None = None,
+                  trust_expressions: bool = False, **overrides):
+    """An initialised ``ConfigWorkflow``, exactly what ``python -m monai.bundle run`` builds.
+
+    The bundle's own configs are trusted; ``overrides`` must be plain data (:func:`check_plain_settings`)
+    unless ``trust_expressions``.
+    """
     from monai.bundle import create_workflow
 
+    check_plain_settings(overrides, "bundle settings", trust_expressions)
     bundle_dir = Path(bundle_dir)
     overrides.setdefault("bundle_root", str(bundle_dir))
     with warnings.catch_warnings():  # MONAI warns that configs run code: these are the project's own
@@ -37,9 +109,10 @@ def make_workflow(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: 
                                tracking=tracking, **overrides)
 
 
-def run_bundle(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: str | None = None, **overrides):
+def run_bundle(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: str | None = None,
+               trust_expressions: bool = False, **overrides):
     """Run one workflow to the end; returns the finished workflow for inspection."""
-    flow = make_workflow(workflow, bundle_dir, tracking=tracking, **overrides)
+    flow = make_workflow(workflow, bundle_dir, tracking=tracking, trust_expressions=trust_expressions, **overrides)
     flow.run()
     flow.finalize()
     return flow

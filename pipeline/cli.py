@@ -20,8 +20,10 @@ def _cmd_synth(args) -> None:
     from .synth import generate_dataset
 
     task_dir = generate_dataset(args.out, n_healthy=args.healthy, n_tumour=args.tumour, seed=args.seed,
-                                spacing=args.spacing, workers=args.workers, progress=not args.quiet)
-    print(f"wrote {task_dir}")
+                                spacing=args.spacing, workers=args.workers, progress=not args.quiet,
+                                hidden_test_labels=args.hidden_test_labels, test_fraction=args.test_fraction)
+    hidden = f"; hidden test labels in {args.hidden_test_labels}" if args.hidden_test_labels else ""
+    print(f"wrote {task_dir}{hidden}")
 
 
 def _cmd_prepare(args) -> None:
@@ -37,24 +39,35 @@ def _cmd_prepare(args) -> None:
 
 def parse_overrides(tokens: list[str]) -> dict:
     """``--key value`` pairs (values read as YAML: numbers, lists, booleans) -> config overrides."""
-    import yaml
-
     if len(tokens) % 2 or not all(t.startswith("--") for t in tokens[::2]):
         raise InputError("command line", f"bundle settings must come as '--key value' pairs, got {' '.join(tokens)}")
-    return {key[2:]: yaml.safe_load(value) for key, value in zip(tokens[::2], tokens[1::2])}
+    return {key[2:]: _yaml_value(value, "command line", key) for key, value in zip(tokens[::2], tokens[1::2])}
+
+
+def _yaml_value(text: str, source: str, key: str):
+    """A command-line value read as YAML; a malformed one is one line, not a parser traceback."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InputError(source, f"{key}: value {text!r} is not valid YAML ({str(err).splitlines()[0]})") from None
 
 
 def _cmd_bundle(workflow: str):
     """A subcommand that runs one bundle workflow, forwarding ``--key value`` settings to it."""
 
     def run(args) -> None:
+        from .bundle import check_plain_settings
+
         overrides = parse_overrides(args.settings)
+        check_plain_settings(overrides, "command line", args.trust_expressions, prefix="--")
         if getattr(args, "nproc", 1) > 1:
             _run_torchrun(f"multi_gpu_{workflow}", args.nproc, overrides)
             return
         from .bundle import run_bundle
 
-        run_bundle(workflow, tracking=args.tracking, **overrides)
+        run_bundle(workflow, tracking=args.tracking, trust_expressions=args.trust_expressions, **overrides)
 
     return run
 
@@ -81,7 +94,8 @@ def _cmd_benchmark(args) -> None:
 
     overrides = parse_assignments(args.set)
     protocol = load_protocol(args.protocol, overrides)
-    runs = run_benchmark(args.protocol, args.results, args.leaderboard, progress=not args.quiet, overrides=overrides)
+    runs = run_benchmark(args.protocol, args.results, args.leaderboard, progress=not args.quiet, overrides=overrides,
+                         trust_expressions=args.trust_expressions)
     print(f"{len(runs)} runs under {Path(args.results) / protocol['id']}")
     if validation_only(protocol):
         print("validation-only study protocol: nothing submitted; table: python benchmarks/study_table.py "
@@ -92,38 +106,48 @@ def _cmd_benchmark(args) -> None:
 
 def parse_assignments(items: list[str] | None) -> dict:
     """``KEY=VALUE`` strings (values read as YAML) -> {dotted key: value}."""
-    import yaml
-
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise InputError("--set", f"expects KEY=VALUE (e.g. dataset.dir=data/msd), got {item!r}")
-        out[key] = yaml.safe_load(value)
+        out[key] = _yaml_value(value, "--set", key)
     return out
 
 
 def _cmd_submit(args) -> None:
-    import json
-
-    from .benchmark import load_protocol, protocol_for_submission
     from .leaderboard import submit
 
-    run_dir = Path(args.run_dir)
-    run_json = run_dir / "run.json"
-    if not run_json.is_file():
-        raise InputError(run_json, "not a finished run folder (run.json missing)")
-    recorded = json.loads(run_json.read_text())["protocol"]["path"]
-    protocol = load_protocol(args.protocol or recorded)
-    row = submit(run_dir, args.leaderboard, protocol_for_submission(protocol, run_dir.parent.parent))
+    binding = _protocol_binding(args.protocol, args.set) if args.protocol else None
+    row = submit(args.run_dir, args.leaderboard, binding, ground_truth_dir=getattr(args, "ground_truth", None))
     print(f"submitted {row['method']} to {args.leaderboard}: AUROC {row['auroc']:.4f}, AUPRC {row['auprc']:.4f}, "
           f"Dice {row['dice']:.4f}")
+
+
+def _protocol_binding(path, assignments) -> dict:
+    from .benchmark import load_protocol, protocol_for_submission
+
+    return protocol_for_submission(load_protocol(path, parse_assignments(assignments)))
+
+
+def _cmd_init(args) -> None:
+    from .leaderboard import register_protocol, registry_path
+
+    record = register_protocol(args.leaderboard, _protocol_binding(args.protocol, args.set))
+    print(f"{registry_path(args.leaderboard)}: protocol {record['id']} (hash {record['hash'][:12]}, dataset "
+          f"{record['dataset_fingerprint']}, {len(record['split']['test'])} test subjects)")
 
 
 def _cmd_show(args) -> None:
     from .leaderboard import show
 
     print(show(args.leaderboard, protocol_id=args.protocol_id, metric=args.metric, html_path=args.html))
+
+
+def _cmd_site(args) -> None:
+    from .site import build_site
+
+    print(f"wrote {build_site(args.csv, args.out, metric=args.metric)}")
 
 
 def _positive_int(text: str) -> int:
@@ -133,10 +157,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-expressions", action="store_true",
+                        help="allow settings that MONAI's config parser runs as code ('$...', '@...', '%%...', "
+                             "_target_); only for protocol files and values you trust")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline", description="Unsupervised brain-tumour detection with diffusion models (MONAI). "
                                      "Each command calls the same library functions as the bundle configs.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write a synthetic BraTS-like dataset in the MSD Task01 layout")
@@ -146,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed: same seed, same bytes (default 0)")
     p.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2.0; BraTS is 1.0)")
     p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    p.add_argument("--hidden-test-labels", metavar="GT_DIR", default=None,
+                   help="public-leaderboard dataset: list --test-fraction of the subjects as test images without "
+                        "labels; their labels go to GT_DIR/labelsTs (keep GT_DIR and the seed to yourself)")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of healthy and of tumour subjects held out with --hidden-test-labels (default 0.2)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)
 
@@ -167,16 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
                               "--dataset_dir data/msd --image_size 128 --modalities [FLAIR,T2w].")
     p.add_argument("--nproc", type=int, default=1, help="processes for DistributedDataParallel (torchrun; gloo on CPU)")
     p.add_argument("--tracking", choices=["mlflow"], default=None, help="log the run to MLflow")
+    _trust_flag(p)
     p.set_defaults(func=_cmd_bundle("train"), bundle=True)
 
     p = sub.add_parser("score", help="anomaly maps for validation + test subjects (the bundle's inference config)",
                        epilog="Settings as --key value: --sampler x0|ddim|ddpm|patched|flair --t_start 150 --ddim_steps 10 "
                               "--n_draws 1 --model_path PATH --scores_dir DIR.")
     p.add_argument("--nproc", type=int, default=1, help="processes that share the subjects (torchrun; gloo on CPU)")
+    _trust_flag(p)
     p.set_defaults(func=_cmd_bundle("inference"), bundle=True, tracking=None)
 
     p = sub.add_parser("evaluate", help="metrics.json, per-subject CSV, report.png from saved maps (evaluate config)",
-                       epilog="Settings as --key value: --scores_dir DIR --evaluation_dir DIR --bootstrap_resamples N.")
+                       epilog="Settings as --key value: --scores_dir DIR --evaluation_dir DIR --bootstrap_resamples N "
+                              "--ground_truth_dir DIR (hidden test labels).")
+    _trust_flag(p)
     p.set_defaults(func=_cmd_bundle("evaluate"), bundle=True, tracking=None)
 
     p = sub.add_parser("benchmark", help="run a benchmark protocol (train, score, evaluate every entry), "
@@ -186,15 +227,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD, help=f"CSV (default {DEFAULT_LEADERBOARD})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a protocol value by dotted key, e.g. --set dataset.dir=data/msd --set bundle.train_steps=100")
+    _trust_flag(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("leaderboard", help="submit a run folder or show the ranked table")
     lsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = lsub.add_parser("init", help="bind the leaderboard to a protocol (its hash, data content and split)")
+    q.add_argument("--protocol", required=True, help="protocol file, e.g. configs/benchmark/default.yaml")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="protocol override, as for benchmark")
+    q.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD)
+    q.set_defaults(func=_cmd_init)
     q = lsub.add_parser("submit", help="recompute a run's metrics from its maps and append it")
     q.add_argument("run_dir")
-    q.add_argument("--protocol", default=None, help="protocol file (default: the one recorded in run.json)")
+    q.add_argument("--protocol", default=None, help="protocol file; needed only for the first submission under "
+                                                    "its id (later ones are checked against the registered one)")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="protocol override, as for benchmark")
     q.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD)
+    q.add_argument("--ground-truth", default=None, metavar="DIR",
+                   help="organiser's folder with the hidden test labels (DIR/labelsTs/<subject>.nii.gz)")
     q.set_defaults(func=_cmd_submit)
     q = lsub.add_parser("show", help="ranked table (Markdown) with 95 %% intervals and paired tests")
     q.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD)
@@ -202,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--metric", default="auprc", choices=["auprc", "auroc", "dice"])
     q.add_argument("--html", default=None, help="also write the table as HTML to this file")
     q.set_defaults(func=_cmd_show)
+    q = lsub.add_parser("site", help="static site (opens from the file system): ranked tables, forest plots, "
+                                     "one page per run")
+    q.add_argument("--csv", "--leaderboard", dest="csv", default=DEFAULT_LEADERBOARD,
+                   help=f"leaderboard CSV (default {DEFAULT_LEADERBOARD})")
+    q.add_argument("--out", default=None, help="site folder, replaced whole (default: site/ beside the CSV)")
+    q.add_argument("--metric", default="auprc", choices=["auprc", "auroc", "dice"], help="ranking metric")
+    q.set_defaults(func=_cmd_site)
     return parser
 
 

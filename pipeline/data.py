@@ -38,12 +38,14 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, write_json
 from .errors import InputError, find_input_error
+from .layout import HIDDEN_TEST_KEY
 
 TASK = "Task01_BrainTumour"
 MSD_MODALITIES = ("FLAIR", "T1w", "T1gd", "T2w")
 SECTIONS = ("train", "validation", "test")
 CACHE_SECTIONS = ("train", "validation")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""2: a cache certifies that the test subjects were read and checked too (1 checked train + validation only)."""
 INTENSITY_SCALINGS = ("median", "percentile")
 MEDIAN_LEVEL = 0.5
 """Where the median scaling puts a channel's robust brain median (healthy tissue sits around it)."""
@@ -152,12 +154,55 @@ def read_dataset_json(task_dir: Path) -> dict:
     training = meta["training"]
     if not isinstance(training, list) or not training:
         raise InputError(path, "'training' must be a non-empty list")
-    for entry in training:
+    for i, entry in enumerate(training):
         if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not isinstance(entry.get("label"), str):
             raise InputError(path, f"every 'training' entry needs 'image' and 'label' paths, got {entry!r}")
+        for key in ("image", "label"):
+            check_listed_path(task_dir, entry[key], f"training[{i}].{key}")
+    for i, image in enumerate(listed_test_images(meta, path)):
+        check_listed_path(task_dir, image, f"test[{i}]")
     if not isinstance(meta["modality"], dict) or len(meta["modality"]) != len(MSD_MODALITIES):
         raise InputError(path, f"'modality' must list {len(MSD_MODALITIES)} channels, got {meta['modality']!r}")
     return meta
+
+
+def listed_test_images(meta: dict, source: Path) -> list[str]:
+    """The image paths of dataset.json's ``test`` list (MSD: plain paths; MONAI also takes ``{"image": ...}``).
+
+    With ``"hiddenTestLabels": true`` the list must be non-empty and carry no labels: those images
+    are the test split and their labels live with the organiser (:data:`HIDDEN_TEST_KEY`)."""
+    entries = meta.get("test") or []
+    hidden = meta.get(HIDDEN_TEST_KEY, False)
+    if not isinstance(entries, list) or not isinstance(hidden, bool):
+        raise InputError(source, f"'test' must be a list and {HIDDEN_TEST_KEY!r} true or false")
+    if hidden and not entries:
+        raise InputError(source, f"{HIDDEN_TEST_KEY!r} is true but the 'test' list is empty")
+    images = []
+    for i, entry in enumerate(entries):
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(image, str) or (hidden and isinstance(entry, dict) and set(entry) != {"image"}):
+            raise InputError(source, f"test[{i}] must be an image path (its label stays outside the dataset), "
+                                     f"got {entry!r}")
+        images.append(image)
+    return images
+
+
+def check_listed_path(task_dir: Path, listed: str, entry: str) -> Path:
+    """A path from dataset.json, refused unless it stays inside the dataset folder.
+
+    Absolute paths, ``..`` and symlinks whose target lies outside would let a dataset.json make the
+    pipeline read (and report on) any file on the machine, e.g. ``/etc/passwd`` as a test image."""
+    source = task_dir / "dataset.json"
+    relative = Path(listed)
+    if relative.is_absolute():
+        raise InputError(source, f"{entry} {listed!r} is an absolute path; paths must be relative to the "
+                                 "dataset folder")
+    if ".." in relative.parts:
+        raise InputError(source, f"{entry} {listed!r} contains '..'; paths must stay inside the dataset folder")
+    resolved = (task_dir / relative).resolve()
+    if not resolved.is_relative_to(task_dir.resolve()):
+        raise InputError(source, f"{entry} {listed!r} leaves the dataset folder through a symlink (-> {resolved})")
+    return resolved
 
 
 def subject_id(path: str | os.PathLike) -> str:
@@ -173,12 +218,14 @@ def load_subjects(dataset_dir: str | os.PathLike, transform=None, download: bool
 
     ``download=True`` fetches real MSD Task01 (about 7 GB) for users with internet access.
     Each item gets a ``subject`` key (file stem); items are sorted by subject for stable order.
+    A dataset with hidden test labels (:data:`HIDDEN_TEST_KEY`) adds its test images as items
+    without a ``label``.
     """
     root, task_dir = task_paths(dataset_dir)
     if not download:
         if not task_dir.is_dir():
             raise InputError(task_dir, "dataset folder not found (run `pipeline synth` or pass download=True)")
-        read_dataset_json(task_dir)
+        meta = read_dataset_json(task_dir)
     else:
         root.mkdir(parents=True, exist_ok=True)
     try:
@@ -188,10 +235,13 @@ def load_subjects(dataset_dir: str | os.PathLike, transform=None, download: bool
         )
     except (KeyError, ValueError, json.JSONDecodeError) as err:
         raise InputError(task_dir / "dataset.json", f"cannot be read by DecathlonDataset ({err})") from None
+    if download:
+        meta = read_dataset_json(task_dir)
+    ds.data.extend(hidden_test_items(meta, task_dir))
     for item in ds.data:
         item["subject"] = subject_id(item["image"])
         for key in ("image", "label"):
-            if not Path(item[key]).is_file():
+            if key in item and not Path(item[key]).is_file():
                 raise InputError(item[key], f"listed in dataset.json as {key} but the file does not exist")
     ds.data.sort(key=lambda item: item["subject"])
     ids = [item["subject"] for item in ds.data]
@@ -200,16 +250,33 @@ def load_subjects(dataset_dir: str | os.PathLike, transform=None, download: bool
     return ds
 
 
+def hidden_test_items(meta: dict, task_dir: Path) -> list[dict]:
+    """Items (image only) of the ``test`` list when dataset.json marks it as the hidden-label test split."""
+    if not meta.get(HIDDEN_TEST_KEY):
+        return []
+    return [{"image": str(task_dir / image)} for image in listed_test_images(meta, task_dir / "dataset.json")]
+
+
+def has_hidden_label(item: dict) -> bool:
+    """A test subject of a hidden-label dataset: its label is not in the dataset."""
+    return not item.get("label")
+
+
 def dataset_fingerprint(dataset_dir: str | os.PathLike) -> str:
-    """Hash of the listed files' names and sizes: changes when the data does, cheap to compute."""
+    """Hash of dataset.json and of the *contents* of every file it lists (training images and labels,
+    test images): an edited label changes it even at the same size (:mod:`pipeline.fingerprint`
+    caches per-file hashes, so a re-check is cheap). A listed file that is missing hashes as such."""
+    from .fingerprint import sha256_files
+
     _, task_dir = task_paths(dataset_dir)
     meta = read_dataset_json(task_dir)
-    digest = hashlib.sha256()
-    for entry in sorted(meta["training"], key=lambda e: e["image"]):
-        for key in ("image", "label"):
-            path = (task_dir / entry[key]).resolve()
-            size = path.stat().st_size if path.is_file() else -1
-            digest.update(f"{entry[key]}:{size};".encode())
+    listed = [(e[key], task_dir / e[key]) for e in meta["training"] for key in ("image", "label")]
+    listed += [(e if isinstance(e, str) else e.get("image", ""), task_dir / (e if isinstance(e, str) else e.get("image", "")))
+               for e in meta.get("test") or [] if isinstance(e, (str, dict))]
+    hashes = sha256_files(path for _, path in listed)
+    digest = hashlib.sha256(hashlib.sha256((task_dir / "dataset.json").read_bytes()).digest())
+    for name, path in sorted(listed):
+        digest.update(f"{name}:{hashes.get(str(path.resolve()), 'missing')};".encode())
     return digest.hexdigest()[:16]
 
 
@@ -448,11 +515,18 @@ def preprocess_transforms(cfg: PreprocessConfig, with_label: bool = True) -> Com
 # patient-level split
 
 
-def make_split(subjects: Sequence[str], fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict:
-    """Seeded patient-level split: each subject lands in exactly one of train/validation/test."""
+def make_split(subjects: Sequence[str], fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
+               test: Sequence[str] | None = None) -> dict:
+    """Seeded patient-level split: each subject lands in exactly one of train/validation/test.
+
+    ``test`` fixes the test section (a dataset's listed test images, whose labels are hidden);
+    ``subjects`` (the other ones) then go to train and validation in the ratio of their fractions.
+    """
     subjects = sorted(subjects)
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
         raise InputError("split fractions", f"need three non-negative fractions summing to 1, got {list(fractions)}")
+    if test is not None:
+        return _split_around_test(subjects, sorted(test), fractions, seed)
     if len(subjects) < 3:
         raise InputError("dataset", f"need at least 3 subjects for a train/validation/test split, got {len(subjects)}")
     order = np.random.default_rng(seed).permutation(len(subjects))
@@ -469,6 +543,34 @@ def make_split(subjects: Sequence[str], fractions: Sequence[float] = (0.6, 0.2, 
         "validation": sorted(picked[n_train:n_train + n_val]),
         "test": sorted(picked[n_train + n_val:]),
     }
+
+
+def _split_around_test(subjects: list[str], test: list[str], fractions: Sequence[float], seed: int) -> dict:
+    """Train / validation drawn from ``subjects`` (seeded, patient-level); test is given."""
+    if set(subjects) & set(test) or not test:
+        raise InputError("dataset", "the listed test subjects must be non-empty and not among the training entries")
+    if len(subjects) < 2 or fractions[0] <= 0 or fractions[1] <= 0:
+        raise InputError("dataset", f"need at least 2 training entries and non-zero train and validation "
+                                    f"fractions beside the {len(test)} listed test subjects, got {len(subjects)} "
+                                    f"and {list(fractions)}")
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    n_val = min(len(subjects) - 1, max(1, round(fractions[1] / (fractions[0] + fractions[1]) * len(subjects))))
+    n_train = len(subjects) - n_val
+    picked = [subjects[i] for i in order]
+    return {"seed": int(seed), "fractions": [float(f) for f in fractions], "train": sorted(picked[:n_train]),
+            "validation": sorted(picked[n_train:]), "test": test}
+
+
+def dataset_split(dataset_dir: str | os.PathLike, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict:
+    """The split a dataset gets from a seed: its listed test subjects, if hidden-label, stay the test section."""
+    subjects, test = split_subjects(load_subjects(dataset_dir).data)
+    return make_split(subjects, fractions, seed, test)
+
+
+def split_subjects(items: Sequence[dict]) -> tuple[list[str], list[str] | None]:
+    """(subjects to split, fixed test subjects or None): hidden-label test items are the fixed test."""
+    test = [item["subject"] for item in items if has_hidden_label(item)]
+    return [item["subject"] for item in items if not has_hidden_label(item)], test or None
 
 
 def check_split(split: dict, subjects: Sequence[str], source: str | os.PathLike) -> dict:
@@ -488,17 +590,32 @@ def check_split(split: dict, subjects: Sequence[str], source: str | os.PathLike)
     return split
 
 
-def load_or_make_split(path: str | os.PathLike, subjects: Sequence[str], fractions=(0.6, 0.2, 0.2), seed: int = 0) -> dict:
-    """Reuse the split file if present (so every stage sees the same patients); else write it."""
+def read_or_make_split(path: str | os.PathLike, subjects: Sequence[str], fractions=(0.6, 0.2, 0.2), seed: int = 0,
+                       test: Sequence[str] | None = None) -> tuple[dict, bool]:
+    """(split, made now): the split file's if present (checked), else a new one that is not written yet.
+
+    With ``test`` (listed hidden-label test subjects), a reused file must have exactly them as test.
+    """
     path = Path(path)
-    if path.is_file():
-        try:
-            split = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(path, f"malformed split JSON ({err})") from None
-        return check_split(split, subjects, path)
-    split = make_split(subjects, fractions, seed)
-    write_json(path, split)
+    if not path.is_file():
+        return make_split(subjects, fractions, seed, test), True
+    try:
+        split = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(path, f"malformed split JSON ({err})") from None
+    check_split(split, [*subjects, *(test or [])], path)
+    if test is not None and sorted(split["test"]) != sorted(test):
+        raise InputError(path, f"test section differs from the {len(test)} test images listed in dataset.json "
+                               "(with hidden test labels the test split is fixed)")
+    return split, False
+
+
+def load_or_make_split(path: str | os.PathLike, subjects: Sequence[str], fractions=(0.6, 0.2, 0.2), seed: int = 0,
+                       test: Sequence[str] | None = None) -> dict:
+    """Reuse the split file if present (so every stage sees the same patients); else write it."""
+    split, made = read_or_make_split(path, subjects, fractions, seed, test)
+    if made:
+        write_json(path, split)
     return split
 
 
@@ -538,7 +655,8 @@ def describe_failure(item: dict, err: Exception) -> str:
     if found is None:
         try:
             check_nifti(item["image"], ndim=4, channels=len(MSD_MODALITIES))
-            check_nifti(item["label"], ndim=3)
+            if item.get("label"):
+                check_nifti(item["label"], ndim=3)
         except InputError as bad:
             found = bad
     if found is None:
@@ -563,7 +681,8 @@ def _identity_collate(batch):
 
 def cache_key(cfg: PreprocessConfig, split: dict, fingerprint: str) -> str:
     blob = json.dumps({"format": CACHE_FORMAT, "preprocess": cfg.to_dict(), "fingerprint": fingerprint,
-                       "train": split["train"], "validation": split["validation"]}, sort_keys=True)
+                       "train": split["train"], "validation": split["validation"], "test": split["test"]},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -575,7 +694,8 @@ def build_slice_cache(
     workers: int = 2,
     progress: bool = True,
 ) -> Path:
-    """Preprocess train + validation subjects once; keep their healthy slices as .npy arrays.
+    """Check the test subjects' files, preprocess train + validation subjects once; keep their healthy
+    slices as .npy arrays.
 
     Returns the cache folder. A folder for the same data, split and settings is reused as is;
     the folder appears only once complete, so an interrupted build leaves nothing behind.
@@ -588,7 +708,9 @@ def build_slice_cache(
     by_subject = {item["subject"]: item for item in ds.data}
     transform = preprocess_transforms(cfg, with_label=True)
     with atomic_dir(out) as tmp:
-        summary = {"format": CACHE_FORMAT, "preprocess": cfg.to_dict(), "key": key, "sections": {}}
+        check_subjects([by_subject[s] for s in split["test"]], workers, progress)
+        summary = {"format": CACHE_FORMAT, "preprocess": cfg.to_dict(), "key": key, "sections": {},
+                   "checked_test_subjects": len(split["test"])}
         for section in CACHE_SECTIONS:
             items = [by_subject[s] for s in split[section]]
             summary["sections"][section] = _cache_section(tmp, section, items, transform, cfg, workers, progress)
@@ -615,6 +737,39 @@ def _cache_section(folder: Path, section: str, items: list[dict], transform, cfg
     np.save(folder / f"{section}_images.npy", slices)
     write_json(folder / f"{section}_index.json", index)
     return {"subjects": len(items), "slices": int(len(slices))}
+
+
+class _Checked(Dataset):
+    """Reads one subject's files and runs the preprocessing's input checks; returns an error line or None."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        keys = ["image", "label"] if item.get("label") else ["image"]
+        check = Compose([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys),
+                         CheckBrainMRId("image", "label" if item.get("label") else None)])
+        try:
+            check(dict(item))
+        except Exception as err:  # noqa: BLE001 - converted to one line naming the file
+            return describe_failure(item, err)
+        return None
+
+
+def check_subjects(items: list[dict], workers: int = 2, progress: bool = True) -> None:
+    """Read every file of ``items`` in full and check it as preprocessing would (test subjects are
+    never preprocessed at prepare time, yet a bad one must stop ``pipeline prepare``, not scoring)."""
+    if not items:
+        return
+    loader = DataLoader(_Checked(items), batch_size=1, num_workers=min(workers, len(items)) if workers > 1 else 0,
+                        collate_fn=_identity_collate)
+    for error in tqdm(loader, desc="check test subjects", unit="subject", disable=not progress):
+        if error:
+            raise InputError(None, error)
 
 
 class SliceDataset(Dataset):
@@ -656,11 +811,44 @@ def prepare_data(
     """Split (reused if the file exists) and build (or reuse) the healthy-slice cache.
 
     A file lock makes concurrent callers (the ranks of a multi-process run, parallel benchmark
-    entries) build once and share the result.
+    entries) build once and share the result. A failure leaves nothing behind: a new split file is
+    written only after the cache is complete, and the lock file and folders this call created are
+    removed (the lock file while still held, folders only when empty, so nothing that existed before
+    or that another preparer wrote is touched).
     """
-    subjects = [item["subject"] for item in load_subjects(dataset_dir).data]
-    Path(cache_root).mkdir(parents=True, exist_ok=True)
-    with FileLock(str(Path(cache_root) / ".prepare.lock")):
-        split = load_or_make_split(split_file, subjects, fractions, split_seed)
-        cache_dir = build_slice_cache(dataset_dir, cache_root, split, preprocess, workers, progress)
+    subjects, test = split_subjects(load_subjects(dataset_dir).data)
+    cache_root = Path(cache_root)
+    created = _make_folders(cache_root)
+    lock_path = cache_root / ".prepare.lock"
+    made_lock = not lock_path.exists()
+    try:
+        with FileLock(str(lock_path)):
+            try:
+                split, made = read_or_make_split(split_file, subjects, fractions, split_seed, test)
+                cache_dir = build_slice_cache(dataset_dir, cache_root, split, preprocess, workers, progress)
+                if made:
+                    write_json(split_file, split)
+            except BaseException:
+                if made_lock:
+                    lock_path.unlink(missing_ok=True)
+                raise
+    except BaseException:
+        _remove_empty_folders(created)
+        raise
     return PreparedData(split=split, cache_dir=cache_dir, preprocess=preprocess)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty_folders(created: list[Path]) -> None:
+    """Remove folders we created, innermost first, stopping at the first one that is not empty."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return

@@ -20,8 +20,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, atomic_path, write_json
-from .data import load_subjects
+from .data import has_hidden_label, load_subjects
 from .errors import InputError
+from .layout import HIDDEN_TEST_KEY, ground_truth_label
 from .metrics import (SUBJECT_SCORE_PERCENTILE, ScoreAccumulator, auroc, false_positive_ml, reconstruction_figures,
                       roc_pr_curves, slice_labels, slice_scores, subject_detection_auroc, subject_score)
 from .report import write_report
@@ -38,20 +39,63 @@ def _read_volume(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(path, f"cannot read {what} ({type(err).__name__}: {err})") from None
 
 
+AFFINE_TOLERANCE_MM = 0.01
+"""A map must sit on its image's grid: affines may differ by float32 storage only."""
+
+
 def load_subject_maps(item: dict, score_path: Path) -> dict:
-    """Map, whole-tumour label and brain mask of one subject, all on the original grid."""
+    """Map, whole-tumour label and brain mask of one subject, all on the original grid.
+
+    The map must have the image's shape and affine (a shifted or flipped map is refused, not
+    silently compared voxel by voxel) and must not be the label file itself (a hard link)."""
     if not item.get("label"):
         raise InputError(item["image"], "subject has no label; evaluation needs ground truth")
+    if score_path.is_file() and Path(item["label"]).is_file() and score_path.samefile(item["label"]):
+        raise InputError(score_path, f"map is the label file {item['label']} itself")
     score, affine = _read_volume(score_path, "anomaly map")
     label, _ = _read_volume(Path(item["label"]), "label")
-    image, _ = _read_volume(Path(item["image"]), "image")
+    image, image_affine = _read_volume(Path(item["image"]), "image")
     if score.shape != label.shape:
         raise InputError(score_path, f"map shape {score.shape} does not match label shape {label.shape} "
                                      f"of {item['label']}")
+    if not np.allclose(affine, image_affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+        worst = float(np.abs(affine - image_affine).max())
+        raise InputError(score_path, f"map affine differs from that of {item['image']} by up to {worst:.3g} "
+                                     "(shifted, flipped or resampled map)")
     if not np.isfinite(score).all():
         raise InputError(score_path, "map contains NaN or Inf")
     brain = (image != 0).any(axis=-1) if image.ndim == 4 else image != 0
     return {"score": score.astype(np.float32), "tumour": label > 0, "brain": brain, "affine": affine}
+
+
+def checked_index(scores_dir: Path) -> dict:
+    """``index.json`` with every subject entry checked: a known section and a map path that is
+    relative, has no ``..`` and resolves (symlinks followed) inside the scores folder."""
+    index_path = scores_dir / "index.json"
+    index = read_index(scores_dir)
+    subjects = index.get("subjects") if isinstance(index, dict) else None
+    if not isinstance(subjects, dict):
+        raise InputError(index_path, "needs a 'subjects' mapping")
+    for name, row in subjects.items():
+        if not isinstance(row, dict) or row.get("section") not in ("validation", "test"):
+            raise InputError(index_path, f"subject {name!r}: entry needs 'section' 'validation' or 'test'")
+        row["map_path"] = map_path(scores_dir, name, row)
+    return index
+
+
+def map_path(scores_dir: Path, name: str, row: dict) -> Path:
+    """The resolved map file of one index entry; refuses paths that leave the scores folder."""
+    index_path = scores_dir / "index.json"
+    files = row.get("files")
+    rel = files.get("score") if isinstance(files, dict) else None
+    if not isinstance(rel, str) or not rel:
+        raise InputError(index_path, f"subject {name!r}: needs files.score, a path inside the scores folder")
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise InputError(index_path, f"subject {name!r}: map path {rel!r} must be relative, without '..'")
+    path = (scores_dir / rel).resolve()
+    if not path.is_relative_to(scores_dir.resolve()):
+        raise InputError(index_path, f"subject {name!r}: map path {rel!r} leaves the scores folder (-> {path})")
+    return path
 
 
 def _section_names(index: dict, scores_dir: Path, section: str) -> list[str]:
@@ -61,7 +105,33 @@ def _section_names(index: dict, scores_dir: Path, section: str) -> list[str]:
     return names
 
 
-def _accumulate(index: dict, scores_dir: Path, by_subject: dict, section: str, progress: bool):
+def with_ground_truth(item: dict, ground_truth_dir: str | os.PathLike | None) -> dict:
+    """``item`` with a label: its own, or for a hidden-label test subject the organiser's file."""
+    if not has_hidden_label(item):
+        return item
+    if ground_truth_dir is None:
+        raise InputError(item["image"], "test label is hidden (not in the dataset); evaluate against the organiser's "
+                                        "ground truth (ground_truth_dir, or leaderboard submit --ground-truth DIR)")
+    path = ground_truth_label(ground_truth_dir, item["subject"])
+    if not path.is_file():
+        raise InputError(path, f"hidden test label of {item['subject']} not found in the ground-truth folder")
+    return {**item, "label": str(path)}
+
+
+def _check_ground_truth_dir(ground_truth_dir, items: list[dict]) -> None:
+    """A ground-truth folder must exist and have something to supply (a silent no-op would let an
+    organiser believe the hidden labels were used)."""
+    if ground_truth_dir is None:
+        return
+    if not Path(ground_truth_dir).is_dir():
+        raise InputError(ground_truth_dir, "ground-truth folder not found")
+    if not any(has_hidden_label(item) for item in items):
+        raise InputError(ground_truth_dir, f"the dataset has no hidden-label test subjects (dataset.json has no "
+                                           f"{HIDDEN_TEST_KEY!r}); its own labels are the ground truth")
+
+
+def _accumulate(index: dict, scores_dir: Path, by_subject: dict, section: str, progress: bool,
+                ground_truth_dir: str | os.PathLike | None = None):
     """Pool one section's brain voxels; also keep slice scores for slice-level AUROC."""
     acc = ScoreAccumulator()
     slice_s, slice_l, volumes = [], [], {}
@@ -69,7 +139,8 @@ def _accumulate(index: dict, scores_dir: Path, by_subject: dict, section: str, p
     for name in tqdm(names, desc=f"evaluate {section}", unit="subject", disable=not progress):
         if name not in by_subject:
             raise InputError(scores_dir / "index.json", f"subject {name} is not in the dataset")
-        data = load_subject_maps(by_subject[name], scores_dir / index["subjects"][name]["files"]["score"])
+        data = load_subject_maps(with_ground_truth(by_subject[name], ground_truth_dir),
+                                 index["subjects"][name]["map_path"])
         acc.add(name, data["score"][data["brain"]], data["tumour"][data["brain"]])
         slice_s.append(slice_scores(data["score"], data["brain"]))
         slice_l.append(slice_labels(data["tumour"]))
@@ -78,19 +149,23 @@ def _accumulate(index: dict, scores_dir: Path, by_subject: dict, section: str, p
 
 
 def compute_metrics(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLike, method: str = "",
-                    n_boot: int = 1000, seed: int = 0, progress: bool = True) -> tuple[dict, ScoreAccumulator, dict]:
+                    n_boot: int = 1000, seed: int = 0, progress: bool = True,
+                    ground_truth_dir: str | os.PathLike | None = None) -> tuple[dict, ScoreAccumulator, dict]:
     """Recompute every number from the saved maps and the ground truth (nothing self-reported).
 
     Returns (metrics, test accumulator, per-subject test volumes). Used by the evaluate workflow
-    and by the leaderboard, which must not trust a run's own metrics file.
+    and by the leaderboard, which must not trust a run's own metrics file. ``ground_truth_dir``
+    holds the labels of a dataset whose test labels are hidden (``labelsTs/<subject>.nii.gz``).
     """
     scores_dir = Path(scores_dir)
-    index = read_index(scores_dir)
-    by_subject = {item["subject"]: item for item in load_subjects(dataset_dir).data}
-    val, _, _, val_volumes = _accumulate(index, scores_dir, by_subject, "validation", progress)
+    index = checked_index(scores_dir)
+    items = load_subjects(dataset_dir).data
+    _check_ground_truth_dir(ground_truth_dir, items)
+    by_subject = {item["subject"]: item for item in items}
+    val, _, _, val_volumes = _accumulate(index, scores_dir, by_subject, "validation", progress, ground_truth_dir)
     if not has_test(index):
         return validation_only_metrics(index, scores_dir, val, val_volumes, method), val, val_volumes
-    test, s_scores, s_labels, volumes = _accumulate(index, scores_dir, by_subject, "test", progress)
+    test, s_scores, s_labels, volumes = _accumulate(index, scores_dir, by_subject, "test", progress, ground_truth_dir)
     threshold = val.best_dice()[1]
     summary = test.summary(threshold)
     intervals = test.bootstrap(("auroc", "auprc", "dice"), threshold=threshold, n_boot=n_boot, seed=seed)
@@ -169,12 +244,15 @@ def describe_method(settings: dict) -> str:
 
 
 def evaluate_scores(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                    method: str = "", n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict:
+                    method: str = "", n_boot: int = 1000, seed: int = 0, progress: bool = True,
+                    ground_truth_dir: str | os.PathLike | None = None) -> dict:
     """Metrics of one scoring run; writes ``metrics.json``, ``per_subject.csv``, ``report.png``, masks.
 
     Everything lands in ``out_dir`` atomically (a failure leaves no partial results).
+    ``ground_truth_dir``: the hidden test labels, for a dataset that has none of its own.
     """
-    metrics, test, volumes = compute_metrics(dataset_dir, scores_dir, method, n_boot, seed, progress)
+    metrics, test, volumes = compute_metrics(dataset_dir, scores_dir, method, n_boot, seed, progress,
+                                             ground_truth_dir)
     if metrics["test"] is None:  # validation-only study run: numbers only
         with atomic_dir(Path(out_dir)) as tmp:
             write_json(tmp / "metrics.json", metrics)

@@ -1,11 +1,18 @@
 """Leaderboard stage: recompute a run's numbers from its maps, append them to a CSV, rank them.
 
 Trust. A submission never uses the run's own ``evaluation/metrics.json``: :func:`submission_row`
-recomputes every number with :func:`pipeline.evaluate.compute_metrics` from the saved maps and
-the ground truth named by the *current* protocol, after checking that the run was made under that
-protocol (id and content hash), on the same data (:func:`pipeline.data.dataset_fingerprint`) and
-the same patient split (:func:`split_fingerprint`), and that its maps cover exactly the split's
-validation and test subjects (a run cannot drop hard test patients).
+recomputes every number with :func:`pipeline.evaluate.compute_metrics` from the saved maps.
+Nothing the submitter brings decides *what* a run is checked against. A leaderboard is bound to
+its protocols: the first submission under a protocol id (or ``pipeline leaderboard init``)
+records, in ``<name>.protocols.json`` beside the CSV, the protocol's content and hash, the dataset
+folder and its content fingerprint (:func:`pipeline.data.dataset_fingerprint`) and the canonical
+patient split computed from the protocol (never a split file from a results folder). Later runs
+under that id must carry the same protocol hash, the registered data (unchanged since) and split,
+and maps that cover exactly the registered validation and test subjects (a run cannot drop hard
+test patients). Map paths must stay inside the run's ``scores/`` folder and maps must sit on their
+image's grid (:func:`pipeline.evaluate.checked_index`); the same test maps under another name are
+a duplicate (``maps_hash``). With ``ground_truth_dir`` the test labels come from a folder that
+participants never receive, as on challenge platforms.
 
 The CSV (one row per submission, columns :data:`COLUMNS`). Appends go through :func:`append_row`
 under ``filelock.FileLock(<csv>.lock)``: existing rows are read, the new row added and the whole
@@ -13,8 +20,12 @@ file rewritten to a temporary file that replaces the CSV (``os.replace``), so co
 submitters never lose a row and readers never see half a file. Spreadsheet safety (OWASP
 "CSV injection"): a text cell starting with ``= + - @``, tab or carriage return is stored with a
 leading ``'``; numbers are written as numbers. Line breaks and control characters are refused in
-every text field, method names must match :data:`METHOD_PATTERN`. A CSV written before the
-:data:`ADDED_COLUMNS` existed still reads (those cells empty) and is upgraded on its next append.
+every text field, method names must match :data:`METHOD_PATTERN`; Markdown output escapes HTML. A
+CSV written before the :data:`LATER_COLUMNS` existed still reads (those cells empty) and is
+upgraded on its next append. Crash hygiene: the per-subject sidecar is written before the CSV row
+that names it, so a row never lacks its sidecar; a writer killed in between leaves a sidecar with
+no row and perhaps a temporary file, which the next writer removes while it holds the lock (every
+writer holds it while writing, so whatever it finds is a dead writer's).
 
 Paired test over patients. Beside ``<name>.csv`` lives ``<name>.subjects/<row_id>.json`` with
 per-test-subject AUROC, AUPRC (``null`` for a subject without tumour or without healthy voxels,
@@ -31,6 +42,7 @@ values (the BraTS-style per-case comparison), the ranking on pooled values; both
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import html
@@ -55,7 +67,7 @@ from .metrics import METRICS, pixel_metrics
 COLUMNS = [
     "row_id",  # 32 hex digits; names the per-subject sidecar
     "method", "protocol_id", "protocol_hash", "dataset_fingerprint", "split_fingerprint",
-    "config_hash", "seed", "code_version",
+    "config_hash", "maps_hash", "seed", "code_version",
     "auroc", "auroc_ci_low", "auroc_ci_high",  # pooled test brain voxels, patient-level 95 % bootstrap CI
     "auprc", "auprc_ci_low", "auprc_ci_high",
     "dice", "dice_ci_low", "dice_ci_high",  # threshold chosen on validation subjects (the honest number)
@@ -76,6 +88,9 @@ ADDED_COLUMNS = {"subject_auroc": "test.subject_auroc", "fp_ml_healthy": "test.f
                  "psnr": "validation.reconstruction.psnr", "ssim": "validation.reconstruction.ssim"}
 """Columns added after the first CSVs were written (-> their place in metrics.json). A CSV without
 them still reads (empty cells) and gains them, empty for the old rows, on its next append."""
+
+LATER_COLUMNS = frozenset({*ADDED_COLUMNS, "maps_hash"})
+"""Columns a CSV from an earlier version may lack (read as empty)."""
 
 NUMERIC_COLUMNS = frozenset({"seed", "test_subjects", "n_boot", "train_seconds", "inference_seconds",
                              "dice_oracle", *ADDED_COLUMNS}
@@ -192,38 +207,128 @@ def _check_run_dir(run_dir) -> Path:
     _check_text("run_dir", str(path), "run_dir")
     if not path.is_dir():
         raise InputError(path, "run folder not found")
+    scores = (path / "scores").resolve()
+    if not scores.is_relative_to(path):
+        raise InputError(path / "scores", f"scores folder leaves the run folder (-> {scores})")
     return path
 
 
-def _check_provenance(run: dict, run_json: Path, run_dir: Path, protocol: dict) -> None:
+# ----------------------------------------------------------------------------- protocol registry
+
+
+def registry_path(csv_path) -> Path:
+    """``<name>.protocols.json`` beside the CSV: the protocols this leaderboard is bound to."""
+    csv_path = Path(csv_path)
+    return csv_path.with_name(csv_path.stem + ".protocols.json")
+
+
+def read_registry(csv_path) -> dict:
+    """{protocol id: record} (empty for a leaderboard that has none yet)."""
+    path = registry_path(csv_path)
+    if not path.exists():
+        return {}
+    registry = _read_json(path, "protocol registry")
+    if not isinstance(registry, dict) or not all(isinstance(r, dict) and "hash" in r for r in registry.values()):
+        raise InputError(path, "not a protocol registry (expected {protocol id: record})")
+    return registry
+
+
+def protocol_record(binding: dict) -> dict:
+    """What a leaderboard records for a protocol. ``binding``: ``{"id", "hash", "content",
+    "dataset_dir", "split"}`` from the protocol file itself (see
+    :func:`pipeline.benchmark.protocol_for_submission`); the data are fingerprinted now."""
+    from .data import dataset_fingerprint
+
+    missing = [k for k in ("id", "hash", "content", "dataset_dir", "split") if k not in binding]
+    if missing:
+        raise InputError("protocol", f"missing {', '.join(missing)}")
+    _check_text("protocol_id", binding["id"], "protocol")
+    split = {k: sorted(binding["split"][k]) for k in ("train", "validation", "test")}
+    return {"id": binding["id"], "hash": binding["hash"], "content": binding["content"],
+            "dataset_dir": str(Path(binding["dataset_dir"]).resolve()),
+            "dataset_fingerprint": dataset_fingerprint(binding["dataset_dir"]),
+            "split": split, "split_fingerprint": split_fingerprint(split),
+            "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _same_binding(old: dict, new: dict) -> bool:
+    return all(old[k] == new[k] for k in ("hash", "dataset_fingerprint", "split_fingerprint"))
+
+
+def register_protocol(csv_path, binding: dict) -> dict:
+    """Bind the leaderboard to a protocol (``pipeline leaderboard init``); returns the record.
+
+    Registering the same protocol, data and split again is a no-op; another hash, data or split
+    under a registered id is refused (a new protocol needs a new id)."""
+    record = protocol_record(binding)
+    path = registry_path(csv_path)
+    with _locked(csv_path):
+        registry = read_registry(csv_path)
+        old = registry.get(record["id"])
+        if old is not None:
+            if not _same_binding(old, record):
+                raise InputError(path, f"protocol id {record['id']!r} is registered with protocol hash "
+                                       f"{old['hash'][:12]}, dataset {old['dataset_fingerprint']} and split "
+                                       f"{old['split_fingerprint'][:12]}; this protocol differs (give it a new id)")
+            return old
+        write_json(path, {**registry, record["id"]: record})
+    return record
+
+
+def bound_protocol(csv_path, protocol_id: str, binding: dict | None = None) -> dict:
+    """The registered record of ``protocol_id``; the first submission under an id registers
+    ``binding`` (the protocol file the submitter named), later ones are checked against it."""
+    record = read_registry(csv_path).get(protocol_id)
+    if record is None:
+        if binding is None:
+            raise InputError(registry_path(csv_path), f"protocol {protocol_id!r} is not registered on this "
+                                                      "leaderboard; pass --protocol FILE or run "
+                                                      "`pipeline leaderboard init --protocol FILE`")
+        return register_protocol(csv_path, binding)
+    if binding is not None and binding["hash"] != record["hash"]:
+        raise InputError(registry_path(csv_path), f"protocol {protocol_id!r} is registered with hash "
+                                                  f"{record['hash'][:12]}, the given protocol file hashes to "
+                                                  f"{binding['hash'][:12]}")
+    return record
+
+
+def _check_provenance(run: dict, run_json: Path, run_dir: Path, record: dict) -> None:
     """Refuse a run made under another protocol, on other data, another split or other subjects."""
     from .data import dataset_fingerprint
-    from .score import read_index
+    from .evaluate import checked_index
 
-    for key in ("id", "hash", "dataset_dir", "split_file"):
-        if key not in protocol:
-            raise InputError("protocol", f"missing {key!r}")
     for key in ("id", "hash"):
-        if _field(run, f"protocol.{key}", run_json) != protocol[key]:
-            raise InputError(run_json, f"protocol {key} {run['protocol'][key]!r} differs from the current protocol's "
-                                       f"{protocol[key]!r}; rerun under this protocol")
-    current = dataset_fingerprint(protocol["dataset_dir"])
+        if _field(run, f"protocol.{key}", run_json) != record[key]:
+            raise InputError(run_json, f"protocol {key} {run['protocol'][key]!r} differs from the registered "
+                                       f"protocol's {record[key]!r}; rerun under this protocol")
+    current = dataset_fingerprint(record["dataset_dir"])
+    if current != record["dataset_fingerprint"]:
+        raise InputError(record["dataset_dir"], f"dataset content changed since protocol {record['id']!r} was "
+                                                f"registered (fingerprint {current} != {record['dataset_fingerprint']})")
     if _field(run, "dataset.fingerprint", run_json) != current:
         raise InputError(run_json, f"dataset fingerprint {run['dataset']['fingerprint']!r} differs from "
-                                   f"{current!r} of {protocol['dataset_dir']} (the data changed)")
-    split_file = Path(protocol["split_file"])
-    split = _read_json(split_file, "split file")
-    if _field(run, "split.fingerprint", run_json) != split_fingerprint(split):
-        raise InputError(run_json, f"split fingerprint differs from that of {split_file} (other patients)")
-    index_path = run_dir / "scores" / "index.json"
-    subjects = read_index(run_dir / "scores").get("subjects")
-    if not isinstance(subjects, dict):
-        raise InputError(index_path, "needs a 'subjects' mapping")
+                                   f"{current!r} of {record['dataset_dir']} (other or changed data)")
+    if _field(run, "split.fingerprint", run_json) != record["split_fingerprint"]:
+        raise InputError(run_json, f"split fingerprint differs from the split registered for {record['id']!r} "
+                                   "(other patients)")
+    subjects = checked_index(run_dir / "scores")["subjects"]
     for section in ("validation", "test"):
-        scored = {s for s, item in subjects.items() if isinstance(item, dict) and item.get("section") == section}
-        if scored != set(split[section]):
-            raise InputError(index_path, f"{section} subjects scored ({len(scored)}) are not exactly the split's "
-                                         f"{len(split[section])} {section} subjects of {split_file}")
+        scored = {s for s, item in subjects.items() if item["section"] == section}
+        if scored != set(record["split"][section]):
+            raise InputError(run_dir / "scores" / "index.json",
+                             f"{section} subjects scored ({len(scored)}) are not exactly the registered split's "
+                             f"{len(record['split'][section])} {section} subjects")
+
+
+def maps_hash(volumes: dict) -> str:
+    """SHA-256 over the test maps' voxel values (by subject): the same maps under another name or
+    re-encoded in another file are the same submission."""
+    digest = hashlib.sha256()
+    for name in sorted(volumes):
+        score = np.ascontiguousarray(volumes[name]["score"], dtype=np.float32)
+        digest.update(f"{name}:{score.shape};".encode())
+        digest.update(score.tobytes())
+    return digest.hexdigest()
 
 
 def _per_subject(metrics: dict, volumes: dict) -> dict:
@@ -239,11 +344,12 @@ def _per_subject(metrics: dict, volumes: dict) -> dict:
     return out
 
 
-def submission_row(run_dir, protocol: dict, n_boot: int = 1000, seed: int = 0) -> dict:
+def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, ground_truth_dir=None) -> dict:
     """One leaderboard row for ``run_dir``, every number recomputed from its maps (see module doc).
 
-    ``protocol``: ``{"id", "hash", "dataset_dir", "split_file"}`` as the current protocol file says.
-    The row holds :data:`COLUMNS` plus ``"subjects"`` (per-test-subject values for the paired test).
+    ``record``: the registered protocol (:func:`bound_protocol`). ``ground_truth_dir``: where the
+    test labels are when participants never had them. The row holds :data:`COLUMNS` plus
+    ``"subjects"`` (per-test-subject values for the paired test).
     """
     from .evaluate import compute_metrics
 
@@ -265,17 +371,18 @@ def submission_row(run_dir, protocol: dict, n_boot: int = 1000, seed: int = 0) -
         raise InputError(run_json, f"seed must be an integer, got {row['seed']!r}")
     for column, value in row.items():  # fail before the expensive part
         _cell(column, value, run_json)
-    _check_provenance(run, run_json, run_dir, protocol)
+    _check_provenance(run, run_json, run_dir, record)
 
-    metrics, _, volumes = compute_metrics(protocol["dataset_dir"], run_dir / "scores", row["method"],
-                                          n_boot=n_boot, seed=seed, progress=False)
+    metrics, _, volumes = compute_metrics(record["dataset_dir"], run_dir / "scores", row["method"],
+                                          n_boot=n_boot, seed=seed, progress=False,
+                                          **({"ground_truth_dir": ground_truth_dir} if ground_truth_dir else {}))
     test = metrics["test"]
     for m in METRICS:
         row[m] = test[m]
         row[f"{m}_ci_low"], row[f"{m}_ci_high"] = test["ci95"][m]
     row.update({column: _field(metrics, dotted, run_dir) for column, dotted in ADDED_COLUMNS.items()})
     row.update(dice_oracle=test["dice_oracle"], test_subjects=test["subjects"], n_boot=n_boot,
-               submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               maps_hash=maps_hash(volumes), submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                subjects=_per_subject(metrics, volumes))
     return {c: row[c] for c in [*COLUMNS, "subjects"]}
 
@@ -290,7 +397,7 @@ def _subjects_dir(csv_path) -> Path:
 
 def _column_positions(header: list[str], source) -> list[int | None]:
     """Where each of :data:`COLUMNS` sits in ``header`` (None: an older CSV without that added column)."""
-    if header != [c for c in COLUMNS if c in header] or set(COLUMNS) - set(header) - set(ADDED_COLUMNS):
+    if header != [c for c in COLUMNS if c in header] or set(COLUMNS) - set(header) - LATER_COLUMNS:
         raise InputError(source, f"not a leaderboard of this version (columns {header[:4]}...)")
     return [header.index(c) if c in header else None for c in COLUMNS]
 
@@ -309,33 +416,72 @@ def _read_rows(csv_path: Path) -> list[list[str]]:
     return [["" if i is None else r[i] for i in positions] for r in rows[1:]]
 
 
-def append_row(csv_path, row: dict) -> None:
-    """Append one row (its ``subjects`` go to the sidecar first), safe against concurrent writers."""
+@contextlib.contextmanager
+def _locked(csv_path):
+    """The leaderboard's write lock (CSV, sidecars and protocol registry share it)."""
     csv_path = Path(csv_path)
-    cells = _serialise(row)
-    key = [COLUMNS.index(c) for c in DUPLICATE_KEY]
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(csv_path) + ".lock", timeout=LOCK_TIMEOUT_S):
-            rows = _read_rows(csv_path)
-            for old in rows:
-                if [old[i] for i in key] == [cells[i] for i in key]:
-                    raise InputError(csv_path, f"{row['method']} (seed {row['seed']}) with this config, code version "
-                                               f"and protocol is already on the leaderboard (row {old[0]})")
-            if row.get("subjects") is not None:
-                write_json(_subjects_dir(csv_path) / f"{row['row_id']}.json",
-                           {"row_id": row["row_id"], "method": row["method"], "subjects": row["subjects"]})
-            with atomic_path(csv_path, suffix=".csv") as tmp:
-                with open(tmp, "w", newline="", encoding="utf-8") as f:
-                    writer = csv.writer(f, lineterminator="\n")
-                    writer.writerows([COLUMNS, *rows, cells])
+            yield
     except Timeout:
         raise InputError(csv_path, f"still locked by another submitter after {LOCK_TIMEOUT_S} s") from None
 
 
-def submit(run_dir, csv_path, protocol: dict, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Validate and recompute ``run_dir`` (:func:`submission_row`), append it; returns the row."""
-    row = submission_row(run_dir, protocol, n_boot=n_boot, seed=seed)
+def _remove_dead_writers_files(csv_path: Path, rows: list[list[str]]) -> None:
+    """Under the lock: temporary files of killed writers, and sidecars whose row never landed."""
+    for tmp in csv_path.parent.glob(f".{csv_path.name}.*.tmp.csv"):
+        tmp.unlink(missing_ok=True)
+    for tmp in csv_path.parent.glob(f".{registry_path(csv_path).name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    folder = _subjects_dir(csv_path)
+    if folder.is_dir():
+        landed = {r[0] for r in rows}
+        for path in folder.iterdir():
+            committed = ROW_ID_PATTERN.fullmatch(path.stem) and path.suffix == ".json" and path.stem in landed
+            if not committed and (path.name.startswith(".") or ROW_ID_PATTERN.fullmatch(path.stem)):
+                path.unlink(missing_ok=True)
+
+
+def _refuse_duplicates(csv_path: Path, rows: list[list[str]], cells: list[str], row: dict) -> None:
+    key = [COLUMNS.index(c) for c in DUPLICATE_KEY]
+    same_maps = [COLUMNS.index(c) for c in ("protocol_hash", "maps_hash")]
+    for old in rows:
+        if [old[i] for i in key] == [cells[i] for i in key]:
+            raise InputError(csv_path, f"{row['method']} (seed {row['seed']}) with this config, code version "
+                                       f"and protocol is already on the leaderboard (row {old[0]})")
+        if row.get("maps_hash") and [old[i] for i in same_maps] == [cells[i] for i in same_maps]:
+            raise InputError(csv_path, f"the test maps of {row['method']} are identical to those of "
+                                       f"{old[COLUMNS.index('method')]} (row {old[0]}) already on the leaderboard")
+
+
+def append_row(csv_path, row: dict) -> None:
+    """Append one row (its ``subjects`` go to the sidecar first), safe against concurrent writers
+    and against a writer killed at any instant (see module doc)."""
+    csv_path = Path(csv_path)
+    cells = _serialise(row)
+    with _locked(csv_path):
+        rows = _read_rows(csv_path)
+        _remove_dead_writers_files(csv_path, rows)
+        _refuse_duplicates(csv_path, rows, cells, row)
+        if row.get("subjects") is not None:
+            write_json(_subjects_dir(csv_path) / f"{row['row_id']}.json",
+                       {"row_id": row["row_id"], "method": row["method"], "subjects": row["subjects"]})
+        with atomic_path(csv_path, suffix=".csv") as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerows([COLUMNS, *rows, cells])
+
+
+def submit(run_dir, csv_path, protocol: dict | None = None, n_boot: int = 1000, seed: int = 0,
+           ground_truth_dir=None) -> dict:
+    """Validate and recompute ``run_dir`` (:func:`submission_row`) against the protocol registered
+    under its protocol id (``protocol``, a binding from the protocol file, registers it the first
+    time and must agree with the record later); append it; returns the row."""
+    run_json = _check_run_dir(run_dir) / "run.json"
+    protocol_id = _field(_read_json(run_json, "run record"), "protocol.id", run_json)
+    record = bound_protocol(csv_path, protocol_id, protocol)
+    row = submission_row(run_dir, record, n_boot=n_boot, seed=seed, ground_truth_dir=ground_truth_dir)
     append_row(csv_path, row)
     return row
 
@@ -388,7 +534,8 @@ def paired_wilcoxon(a: dict, b: dict, metric: str) -> tuple[float, float, int]:
 
 
 def ranked_table(csv_path, protocol_id=None, metric: str = "auprc") -> pd.DataFrame:
-    """Rows sorted best-first by ``metric`` (ties: earlier submission first), with ``rank`` and, per
+    """Rows sorted best-first by ``metric`` (ties: earlier submission first), with ``rank`` (among rows
+    of the same protocol hash, dataset and split, the only ones that are comparable) and, per
     entry, the paired test against the best entry sharing its protocol, dataset and split:
     ``top_row_id`` (the entry compared with; its own id for a top entry), ``diff_vs_top`` (mean
     per-subject top - entry), ``p_vs_top``, ``paired_subjects`` and ``differs_from_top``
@@ -400,7 +547,7 @@ def ranked_table(csv_path, protocol_id=None, metric: str = "auprc") -> pd.DataFr
         df = df[df["protocol_id"] == protocol_id]
     df = df.sort_values([metric, "submitted_at"], ascending=[False, True], kind="stable", na_position="last")
     df = df.reset_index(drop=True)
-    df.insert(0, "rank", np.arange(1, len(df) + 1))
+    df.insert(0, "rank", df.groupby(list(COMPARABLE), sort=False).cumcount() + 1)  # within comparable rows
     folder = _subjects_dir(csv_path)
     subjects = {rid: _load_subjects(folder, rid) for rid in df["row_id"]}
     tops: dict[tuple, str] = {}
@@ -441,6 +588,7 @@ def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows = [r for _, r in table.iterrows()]
     return pd.DataFrame({
         "rank": table["rank"].astype(str), "method": table["method"],
+        "test n": table["test_subjects"].map(lambda n: "" if pd.isna(n) else str(int(n))),
         f"{metric} [95% CI]": [f"{num(r[metric])} [{num(r[metric + '_ci_low'])}, {num(r[metric + '_ci_high'])}]"
                                for r in rows],
         **{m: table[m].map(num) for m in (*METRICS, "dice_oracle") if m != metric},
@@ -452,12 +600,15 @@ def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def _markdown(frame: pd.DataFrame) -> str:
-    def cell(text) -> str:
+    def cell(text) -> str:  # no column breaks
         return str(text).replace("\\", "\\\\").replace("|", "\\|")
+
+    def value(text) -> str:  # user text: no raw HTML for Markdown renderers
+        return cell(html.escape(str(text), quote=False))
 
     lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
              "|" + "|".join("---" for _ in frame.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines += ["| " + " | ".join(value(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ however its subjects are spread over worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from .atomic import atomic_dir, write_json
 from .errors import InputError
+from .layout import GROUND_TRUTH_LABELS, HIDDEN_TEST_KEY
 
 TASK = "Task01_BrainTumour"
 MODALITIES = ("FLAIR", "T1w", "t1gd", "T2w")
@@ -422,11 +424,11 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(img, path)
 
 
-def _write_subject(folder: Path, name: str, index: int, tumour: bool, seed: int, spacing: float) -> None:
-    """Worker job: generate one subject and write its image and label into ``folder``."""
+def _write_subject(image_path: Path, label_path: Path, index: int, tumour: bool, seed: int, spacing: float) -> None:
+    """Worker job: generate one subject and write its image and label."""
     image, label, affine = make_subject(index, tumour, seed, spacing)
-    _save_nifti(image, affine, folder / "imagesTr" / name)
-    _save_nifti(label, affine, folder / "labelsTr" / name)
+    _save_nifti(image, affine, image_path)
+    _save_nifti(label, affine, label_path)
 
 
 def _run_parallel(jobs, workers: int, bar) -> None:
@@ -452,6 +454,24 @@ def _check_args(n_healthy, n_tumour, seed, spacing, workers) -> None:
         raise InputError("n_healthy + n_tumour", "need at least one subject")
     if isinstance(spacing, bool) or not isinstance(spacing, numbers.Real) or not 0.5 < spacing <= 8:
         raise InputError("spacing", f"must be in (0.5, 8] mm, got {spacing!r}")
+
+
+def _hidden_test_names(names: list[str], tumour_flags: list[bool], fraction: float, seed: int) -> list[str]:
+    """Test subjects whose labels are withheld: ``fraction`` of the healthy and of the tumour subjects
+    (at least one subject, at least two left for train and validation), drawn from the seed."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
+        raise InputError("test_fraction", f"must be in (0, 1), got {fraction!r}")
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: health flags and anatomy stay as without it
+    picked = []
+    for flag in (False, True):
+        group = [n for n, t in zip(names, tumour_flags) if t == flag]
+        picked += [group[i] for i in rng.permutation(len(group))[:round(fraction * len(group))]]
+    if not picked:
+        picked = [names[int(rng.integers(len(names)))]]
+    if len(names) - len(picked) < 2:
+        raise InputError("test_fraction", f"{len(picked)} hidden test subjects of {len(names)} leave fewer than 2 "
+                                          "for train and validation")
+    return sorted(picked)
 
 
 def _tumour_flags(n_healthy: int, n_tumour: int, seed: int) -> list[bool]:
@@ -489,8 +509,15 @@ def _dataset_json(names, tumour_flags, seed, spacing, n_healthy, n_tumour) -> di
 
 
 def generate_dataset(out_root, n_healthy: int, n_tumour: int, seed: int = 0, spacing: float = 2.0,
-                     workers: int = 2, progress: bool = True) -> Path:
-    """Write out_root/Task01_BrainTumour/ in the exact MSD Task01_BrainTumour layout; return that Task folder."""
+                     workers: int = 2, progress: bool = True, hidden_test_labels=None,
+                     test_fraction: float = 0.2) -> Path:
+    """Write out_root/Task01_BrainTumour/ in the exact MSD Task01_BrainTumour layout; return that Task folder.
+
+    With ``hidden_test_labels`` (a folder outside the dataset) the dataset is a public leaderboard's:
+    ``test_fraction`` of the subjects are listed as ``test`` images (``imagesTs/``, no labels) and
+    their labels go to ``hidden_test_labels/labelsTs/``, with the generator record (seed included:
+    whoever knows it can regenerate the labels) in ``hidden_test_labels/synthetic.json``.
+    """
     _check_args(n_healthy, n_tumour, seed, spacing, workers)
     n_healthy, n_tumour, seed, spacing = int(n_healthy), int(n_tumour), int(seed), float(spacing)
     total = n_healthy + n_tumour
@@ -498,10 +525,16 @@ def generate_dataset(out_root, n_healthy: int, n_tumour: int, seed: int = 0, spa
     width = max(3, len(str(total)))
     names = [f"BRATS_{i:0{width}d}.nii.gz" for i in range(1, total + 1)]
     task_dir = Path(out_root) / TASK
-    with atomic_dir(task_dir) as tmp:
+    hidden = [] if hidden_test_labels is None else _hidden_test_names(names, tumour_flags, test_fraction, seed)
+    if hidden_test_labels is not None and Path(hidden_test_labels).resolve().is_relative_to(task_dir.resolve()):
+        raise InputError(hidden_test_labels, f"the hidden test labels must be outside the dataset folder {task_dir}")
+    meta = _dataset_json(names, tumour_flags, seed, spacing, n_healthy, n_tumour)
+    with atomic_dir(task_dir) as tmp, _ground_truth_folder(hidden_test_labels) as truth:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (tmp / sub).mkdir()
-        jobs = [(tmp, n, i, t, seed, spacing) for i, (n, t) in enumerate(zip(names, tumour_flags), start=1)]
+        jobs = [(tmp / "imagesTs" / n, truth / n, i, t, seed, spacing) if n in hidden else
+                (tmp / "imagesTr" / n, tmp / "labelsTr" / n, i, t, seed, spacing)
+                for i, (n, t) in enumerate(zip(names, tumour_flags), start=1)]
         with tqdm(total=total, desc="synthetic subjects", unit="subject", disable=not progress) as bar:
             if min(workers, total) == 1:
                 for job in jobs:
@@ -510,5 +543,31 @@ def generate_dataset(out_root, n_healthy: int, n_tumour: int, seed: int = 0, spa
             else:
                 _run_parallel(jobs, min(workers, total), bar)
         (tmp / "LICENSE_MNI.txt").write_text(f"{MNI_COPYRIGHT}\n\n{MNI_NOTICE}\n")
-        write_json(tmp / "dataset.json", _dataset_json(names, tumour_flags, seed, spacing, n_healthy, n_tumour))
+        if hidden:
+            write_json(Path(hidden_test_labels) / "synthetic.json", meta["synthetic"])
+            meta = _withhold_test(meta, hidden)
+        write_json(tmp / "dataset.json", meta)
     return task_dir
+
+
+@contextlib.contextmanager
+def _ground_truth_folder(root):
+    """A temporary folder that becomes ``root/labelsTs`` with the dataset (nothing if ``root`` is None).
+
+    Only that one folder is replaced: ``root`` may hold other things."""
+    if root is None:
+        yield None
+        return
+    with atomic_dir(Path(root) / GROUND_TRUTH_LABELS) as tmp:
+        yield tmp
+
+
+def _withhold_test(meta: dict, hidden: list[str]) -> dict:
+    """dataset.json of a hidden-label dataset: the ``hidden`` subjects listed as test images only, and
+    nothing in the generator record that gives their labels away (their health, the seed)."""
+    record = {k: v for k, v in meta["synthetic"].items() if k not in ("seed", "n_healthy", "n_tumour")}
+    record["healthy"] = [h for h in record["healthy"] if f"{h}.nii.gz" not in hidden]
+    record["hidden_test"] = "seed and test labels are kept by the organiser (ground-truth folder)"
+    training = [e for e in meta["training"] if e["image"].split("/")[-1] not in hidden]
+    return {**meta, "numTraining": len(training), "numTest": len(hidden), "training": training,
+            "test": [f"./imagesTs/{n}" for n in hidden], HIDDEN_TEST_KEY: True, "synthetic": record}

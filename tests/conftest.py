@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from pipeline.synth import generate_dataset
+
+# File-hash cache of the tests (pipeline.fingerprint): never the user's own ~/.cache.
+os.environ.setdefault("PIPELINE_CACHE_DIR", tempfile.mkdtemp(prefix="pipeline-test-cache-"))
 
 
 @pytest.fixture(scope="session")

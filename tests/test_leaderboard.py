@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -25,7 +26,8 @@ from pipeline.data import dataset_fingerprint, load_subjects, make_split
 from pipeline.errors import InputError
 from pipeline.evaluate import compute_metrics
 from pipeline.leaderboard import (ADDED_COLUMNS, COLUMNS, append_row, check_method_name, protocol_hash,
-                                  ranked_table, read_leaderboard, show, split_fingerprint, submission_row, submit)
+                                  protocol_record, ranked_table, read_leaderboard, show, split_fingerprint,
+                                  submission_row, submit)
 
 N_BOOT = 50
 PROTOCOL_CONTENT = {"id": "synthetic-test-v1", "dataset": "synthetic", "methods": ["good", "bad"], "seeds": [0]}
@@ -64,7 +66,7 @@ def make_run(run_dir: Path, dataset_dir: Path, split: dict, protocol: dict, scor
     record = {"method": method, "entry": {"kind": "fake"},
               "protocol": {"id": protocol["id"], "hash": protocol["hash"]},
               "dataset": {"dir": str(dataset_dir), "fingerprint": dataset_fingerprint(dataset_dir)},
-              "split": {"file": protocol["split_file"], "fingerprint": split_fingerprint(split)},
+              "split": {"file": "split.json", "fingerprint": split_fingerprint(split)},
               "config_hash": "c0ffee" * 4, "seed": seed, "code_version": "0.1.0", "hardware": "cpu (test)",
               "timings": {"train_seconds": 12.5, "inference_seconds": 4.25}, "created": "2025-01-01T00:00:00+00:00"}
     record.update(run_fields)
@@ -72,26 +74,40 @@ def make_run(run_dir: Path, dataset_dir: Path, split: dict, protocol: dict, scor
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def bench(synth_root, tmp_path_factory):
-    """Split file, protocol and three run folders (good, an identical copy of good, bad)."""
-    root = tmp_path_factory.mktemp("bench")
+def usable_split(synth_root) -> dict:
+    """The canonical split (default fractions) of the first seed whose validation and test sections
+    both hold subjects with and without a tumour."""
     items = load_subjects(synth_root).data
     tumour = {it["subject"] for it in items if np.asarray(nib.load(it["label"]).dataobj).any()}
-    for split_seed in range(100):  # validation and test both need tumour and healthy subjects
-        split = make_split([it["subject"] for it in items], (0.25, 0.25, 0.5), seed=split_seed)
+    for split_seed in range(200):
+        split = make_split([it["subject"] for it in items], seed=split_seed)
         if all(0 < len(tumour & set(split[s])) < len(split[s]) for s in ("validation", "test")):
-            break
-    write_json(root / "split.json", split)
-    protocol = {"id": PROTOCOL_CONTENT["id"], "hash": protocol_hash(PROTOCOL_CONTENT),
-                "dataset_dir": str(synth_root), "split_file": str(root / "split.json")}
+            return split
+    raise AssertionError("no usable split seed")
+
+
+def binding_for(dataset_dir, split, content=PROTOCOL_CONTENT) -> dict:
+    """What ``pipeline.benchmark.protocol_for_submission`` hands the leaderboard."""
+    return {"id": content["id"], "hash": protocol_hash(content), "content": content,
+            "dataset_dir": str(dataset_dir), "split": split}
+
+
+@pytest.fixture(scope="module")
+def bench(synth_root, tmp_path_factory):
+    """Protocol binding and record, and three run folders (good, an identical copy of good, bad)."""
+    root = tmp_path_factory.mktemp("bench")
+    split = usable_split(synth_root)
+    items = load_subjects(synth_root).data
+    tumour = {it["subject"] for it in items if np.asarray(nib.load(it["label"]).dataobj).any()}
+    binding = binding_for(synth_root, split)
+    protocol = protocol_record(binding)
     runs = {name: make_run(root / "runs" / name, synth_root, split, protocol, fn, name)
             for name, fn in (("good", good_map), ("bad", bad_map))}
     runs["good-copy"] = root / "runs" / "good-copy"
     shutil.copytree(runs["good"], runs["good-copy"])
     record = json.loads((runs["good-copy"] / "run.json").read_text())
     write_json(runs["good-copy"] / "run.json", {**record, "method": "good-copy"})
-    return {"root": root, "split": split, "protocol": protocol, "runs": runs, "tumour": tumour}
+    return {"root": root, "split": split, "binding": binding, "protocol": protocol, "runs": runs, "tumour": tumour}
 
 
 def fake_row(method="m", seed=0, metric=0.5, subjects=None, **fields) -> dict:
@@ -128,7 +144,7 @@ def test_fingerprints_are_canonical():
 def test_submission_recomputes_numbers_and_ignores_tampered_metrics(bench, tmp_path):
     csv_path = tmp_path / "lb.csv"
     run = bench["runs"]["good"]
-    row = submit(run, csv_path, bench["protocol"], n_boot=N_BOOT)
+    row = submit(run, csv_path, bench["binding"], n_boot=N_BOOT)
     expected, _, _ = compute_metrics(bench["protocol"]["dataset_dir"], run / "scores", n_boot=N_BOOT, progress=False)
     for m in ("auroc", "auprc", "dice"):
         assert row[m] == expected["test"][m] != 0.999
@@ -151,16 +167,37 @@ def test_submission_recomputes_numbers_and_ignores_tampered_metrics(bench, tmp_p
     sidecar = json.loads((tmp_path / "lb.subjects" / f"{row['row_id']}.json").read_text())
     assert sidecar["subjects"] == row["subjects"]
     with pytest.raises(InputError, match="already on the leaderboard"):
-        submit(run, csv_path, bench["protocol"], n_boot=N_BOOT)
+        submit(run, csv_path, bench["binding"], n_boot=N_BOOT)
 
 
 def test_changed_dataset_is_refused(bench, dataset_copy):
+    protocol = protocol_record({**bench["binding"], "dataset_dir": str(dataset_copy)})
     label = next((dataset_copy / "Task01_BrainTumour" / "labelsTr").glob("*.nii.gz"))
     label.write_bytes(label.read_bytes() + b"\0")  # size changes -> fingerprint changes
-    protocol = {**bench["protocol"], "dataset_dir": str(dataset_copy)}
-    with pytest.raises(InputError, match="dataset fingerprint") as err:
+    with pytest.raises(InputError, match="dataset content changed") as err:
         submission_row(bench["runs"]["good"], protocol, n_boot=N_BOOT)
-    assert err.value.source.endswith("run.json")
+    assert err.value.source == str(dataset_copy.resolve())
+
+
+def test_label_edited_in_place_with_same_size_and_mtime_is_refused(bench, dataset_copy):
+    """The fingerprint hashes contents; its cache is keyed by ctime too, which os.utime cannot reset."""
+    protocol = protocol_record({**bench["binding"], "dataset_dir": str(dataset_copy)})
+    label = sorted((dataset_copy / "Task01_BrainTumour" / "labelsTr").glob("*.nii.gz"))[0]
+    before = label.stat()
+    img = nib.load(label)
+    data = np.asarray(img.dataobj).copy()
+    data.flat[0] = 1 - data.flat[0]
+    blob = nib.Nifti1Image(data, img.affine, img.header).to_bytes()
+    import gzip
+    with gzip.open(label, "wb", compresslevel=1) as f:
+        f.write(blob)
+    raw = label.read_bytes()
+    size = before.st_size
+    label.write_bytes(raw[:size] if len(raw) >= size else raw + b"\0" * (size - len(raw)))
+    os.utime(label, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert label.stat().st_size == before.st_size and label.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(InputError, match="dataset content changed"):
+        submission_row(bench["runs"]["good"], protocol, n_boot=N_BOOT)
 
 
 @pytest.mark.parametrize("change, message", [({"hash": "0" * 64}, "protocol hash"),
@@ -174,9 +211,8 @@ def test_other_protocol_is_refused(bench, change, message):
 def test_other_split_or_missing_test_subjects_are_refused(bench, tmp_path):
     moved = bench["split"]["test"][0]
     split = dict(bench["split"], test=bench["split"]["test"][1:], train=bench["split"]["train"] + [moved])
-    write_json(tmp_path / "split.json", split)
     with pytest.raises(InputError, match="split fingerprint"):
-        submission_row(bench["runs"]["good"], {**bench["protocol"], "split_file": str(tmp_path / "split.json")})
+        submission_row(bench["runs"]["good"], protocol_record({**bench["binding"], "split": split}))
 
     run = tmp_path / "run"
     shutil.copytree(bench["runs"]["good"], run)
@@ -196,7 +232,7 @@ def test_formula_like_text_is_neutralised_numbers_are_not(bench, tmp_path):
     run = make_run(tmp_path / "run", Path(bench["protocol"]["dataset_dir"]), bench["split"], bench["protocol"],
                    good_map, "flair-baseline", hardware="=cmd|' /C calc'!A0", code_version="@SUM(A1)",
                    config_hash="-2+3")
-    submit(run, csv_path, bench["protocol"], n_boot=N_BOOT)
+    submit(run, csv_path, bench["binding"], n_boot=N_BOOT)
     append_row(csv_path, fake_row(seed=-1, hardware="\tx", code_version="+1", train_seconds=-0.5))
     first, second = raw_rows(csv_path)
     assert first["hardware"] == "'=cmd|' /C calc'!A0" and first["code_version"] == "'@SUM(A1)"
@@ -338,12 +374,17 @@ def test_ranked_table_orders_and_tests_against_the_top(board):
         ranked_table(board, metric="accuracy")
 
 
-def test_real_submissions_rank_and_few_patients_are_not_overclaimed(bench, tmp_path):
+def test_real_submissions_rank_and_few_patients_are_not_overclaimed(bench, synth_root, tmp_path):
     csv_path = tmp_path / "lb.csv"
-    for name in ("bad", "good", "good-copy"):
-        submit(bench["runs"][name], csv_path, bench["protocol"], n_boot=N_BOOT)
+    for name in ("bad", "good"):
+        submit(bench["runs"][name], csv_path, bench["binding"], n_boot=N_BOOT)
+    with pytest.raises(InputError, match="identical to those of good"):  # same maps, another name
+        submit(bench["runs"]["good-copy"], csv_path, bench["binding"], n_boot=N_BOOT)
+    good_again = make_run(tmp_path / "good-again", synth_root, bench["split"], bench["protocol"], good_map,
+                          "good-again", seed=1)
+    submit(good_again, csv_path, bench["binding"], n_boot=N_BOOT)
     table = ranked_table(csv_path, metric="auprc").set_index("method")
-    assert table.index.tolist()[-1] == "bad" and table.loc["good", "auprc"] == table.loc["good-copy", "auprc"]
+    assert table.index.tolist()[-1] == "bad" and len(table) == 3
     assert table["differs_from_top"].tolist()[1:] == [False, False]  # < 6 tumour test patients: p >= 1/16
     assert table.loc["bad", "p_vs_top"] >= 0.05 and table.loc["bad", "diff_vs_top"] > 0
 
@@ -352,9 +393,9 @@ def test_show_gives_markdown_and_html(board, tmp_path):
     html_path = tmp_path / "out" / "board.html"
     text = show(board, protocol_id="p1", metric="auroc", html_path=html_path)
     lines = text.splitlines()
-    assert lines[0].startswith("| rank | method | auroc [95% CI] |") and "differs from top (p<0.05)" in lines[0]
+    assert lines[0].startswith("| rank | method | test n | auroc [95% CI] |") and "differs from top (p<0.05)" in lines[0]
     assert set(lines[1]) <= set("|-") and len(lines) == 2 + 4
-    assert lines[2].startswith("| 1 | top | 0.750 [0.650, 0.850] |") and "| top |" in lines[2]
+    assert lines[2].startswith("| 1 | top | 10 | 0.750 [0.650, 0.850] |") and "| top |" in lines[2]
     assert "yes (p=" in lines[-1] and "| worse |" in lines[-1]
     page = html_path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<table" in page and "worse" in page

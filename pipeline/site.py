@@ -1,0 +1,582 @@
+"""Static leaderboard site: an index of ranked tables with forest plots, and one page per run.
+
+Why static: the site must open from the file system on a machine with no server and no internet, so
+every page carries its own small style sheet and sorting script (no CDN) and the forest plot is SVG
+written here. Every piece of user text (method names, protocol ids, code versions, config values)
+goes through :func:`esc`; the script is a constant and never holds data, and each page's Content
+Security Policy allows only that script (by hash), so injected markup could not run even if
+escaping were missed.
+
+Layout of ``OUT``: ``index.html``; ``runs/<row_id>.html``; ``runs/<row_id>/report.png`` (the only
+copied file, so the site stays small); NIfTI maps and masks are linked where they lie, by paths
+relative to the page (:func:`os.path.relpath`). The folder is written to a temporary sibling and
+swapped in whole, so a reader never sees half a site and rows that left the CSV leave no page.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import math
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+import pandas as pd
+
+from .atomic import atomic_dir
+from .errors import InputError
+from .leaderboard import ALPHA, COMPARABLE, ROW_ID_PATTERN, ranked_table
+
+MARKER = ".leaderboard-site"
+"""File that marks a folder as a site this module wrote (only such a folder is ever replaced)."""
+BASELINE_PREFIX = "flair-baseline"
+LABELS = {"auprc": "AUPRC", "auroc": "AUROC", "dice": "Dice"}
+FOREST_METRICS = ("auprc", "auroc", "dice")
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1d232b;background:#fbfbfc}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 4px}h3{font-size:15px;margin:20px 0 6px}
+.muted{color:#5c6773}.small{font-size:12px}code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
+section.protocol{border-top:1px solid #d8dde3;margin-top:18px}
+dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 14px;margin:8px 0}dl.facts dt{color:#5c6773}
+dl.facts dd{margin:0}p.inline{display:flex;flex-wrap:wrap;gap:4px 22px}p.inline b{font-weight:400;color:#5c6773}
+.pair{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}.pair>.tbl{flex:1 1 0}.pair>.fig{flex:0 0 auto}
+table{border-collapse:collapse;background:#fff;box-shadow:0 0 0 1px #d8dde3}
+th,td{padding:4px 6px;border-bottom:1px solid #e6e9ed;text-align:right;white-space:nowrap}
+th{background:#eef1f4;font-weight:600;white-space:normal;vertical-align:bottom;max-width:80px;min-width:3.5em}
+td.t,th.t{text-align:left}
+table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{background:#e2e7ec}
+th[aria-sort=ascending]::after{content:" \\25B2";font-size:10px}th[aria-sort=descending]::after{content:" \\25BC";font-size:10px}
+tr.baseline td{background:#fff8e6}
+.badge{display:inline-block;padding:0 6px;border-radius:9px;font-size:12px;line-height:18px}
+.b-top{background:#dcefe0;color:#1e5b2c}.b-diff{background:#fbe1dc;color:#8a2a17}.b-same{background:#e8ebef;color:#46505c}
+.b-na{color:#7a848f}.b-base{background:#fde9b6;color:#6b4b00}
+.ci{color:#5c6773;font-size:12px}
+svg.forest{background:#fff;box-shadow:0 0 0 1px #d8dde3}
+img.report{max-width:100%;border:1px solid #d8dde3;background:#fff}
+pre{background:#fff;border:1px solid #d8dde3;padding:8px;overflow:auto;max-height:420px}
+a{color:#0b5cad}
+svg .ph{font:600 12px sans-serif;text-anchor:middle}svg .ph.l{text-anchor:start}
+svg .tick{font:10px sans-serif;fill:#5c6773;text-anchor:middle}svg .tick.s{text-anchor:start}svg .tick.e{text-anchor:end}
+svg .key{font:11px sans-serif;fill:#5c6773}svg .key .entry{fill:#1f5fa8}svg .key .baseline{fill:#c27c00}svg .lab{font:12px sans-serif}
+svg .lab.baseline{fill:#8a5a00}svg .grid{stroke:#eceff2}svg .frame{stroke:#b9c1ca}svg .ci{stroke-width:2.2}
+svg .baseref{stroke:#c27c00;stroke-dasharray:3 3}svg .pv{font:11px sans-serif}svg .pv.diff{fill:#8a2a17;font-weight:600}
+svg .pv.same{fill:#5c6773}svg .pv.top{fill:#1e5b2c;font-weight:600}svg .pv.na{fill:#9aa3ad}
+"""
+
+SORT_JS = """
+(function () {
+  function key(cell) {
+    var v = cell.getAttribute("data-sort");
+    if (v === null) { v = cell.textContent.trim(); }
+    if (v === "") { return null; }
+    var n = Number(v);
+    return isFinite(n) ? n : v.toLowerCase();
+  }
+  function compare(x, y, sign) {
+    if (x === null || y === null) { return x === y ? 0 : (x === null ? 1 : -1); }
+    if (typeof x !== typeof y) { return typeof x === "number" ? -1 : 1; }
+    return sign * (x < y ? -1 : x > y ? 1 : 0);
+  }
+  function sortBy(table, th, col) {
+    var sign = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
+    var heads = table.tHead.rows[0].cells;
+    for (var i = 0; i < heads.length; i++) { heads[i].removeAttribute("aria-sort"); }
+    th.setAttribute("aria-sort", sign > 0 ? "ascending" : "descending");
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) { return compare(key(a.cells[col]), key(b.cells[col]), sign); });
+    rows.forEach(function (r) { body.appendChild(r); });
+  }
+  var tables = document.querySelectorAll("table.sortable");
+  Array.prototype.forEach.call(tables, function (table) {
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
+      th.tabIndex = 0;
+      th.addEventListener("click", function () { sortBy(table, th, col); });
+      th.addEventListener("keydown", function (e) {
+        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(table, th, col); }
+      });
+    });
+  });
+})();
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+CSP = (f"default-src 'none'; script-src {_csp_hash(SORT_JS)}; style-src {_csp_hash(CSS)}; img-src 'self'; "
+       "base-uri 'none'; form-action 'none'")
+"""Only this module's own script and style run; images from the site folder. No user text here."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def esc(value) -> str:
+    """User text as HTML text or attribute value (quotes escaped too)."""
+    return html.escape("" if _missing(value) else str(value), quote=True)
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "" if _missing(value) else format(float(value), spec)
+
+
+def _sort_key(value) -> str:
+    return "" if _missing(value) else repr(float(value))
+
+
+def _short(text, n: int = 12) -> str:
+    """A fingerprint cut to ``n`` characters, the whole one in the tooltip."""
+    text = "" if _missing(text) else str(text)
+    return f'<span class="mono" title="{esc(text)}">{esc(text[:n])}</span>'
+
+
+def href(target: Path, page_dir: Path) -> str:
+    """A relative, URL-quoted, escaped link from a page in ``page_dir`` to ``target``."""
+    try:
+        rel = os.path.relpath(Path(target).resolve(), Path(page_dir).resolve())
+    except ValueError:  # another drive (Windows): no relative path exists
+        return esc(Path(target).resolve().as_uri())
+    return esc(quote(rel.replace(os.sep, "/")))
+
+
+def is_baseline(method) -> bool:
+    """The FLAIR-intensity baseline, named so by the benchmark runner (``flair-baseline...``)."""
+    return str(method).startswith(BASELINE_PREFIX)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A run's own JSON object, or None when it is missing or unreadable (a page is still written)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{esc(title)}</title>\n<style>{CSS}</style></head>\n<body>\n{body}\n"
+            f"<script>{SORT_JS}</script>\n</body></html>\n")
+
+
+def _table(headers: list[tuple[str, str]], rows: list[str]) -> str:
+    """A sortable table, its rows given in the order of the first column; ``headers`` are (label, css
+    class), ``rows`` ready ``<tr>`` markup."""
+    heads = "".join(f'<th class="{c}"{" aria-sort=ascending" if i == 0 else ""}>{esc(label)}</th>'
+                    for i, (label, c) in enumerate(headers))
+    return '<table class="sortable"><thead><tr>' + heads + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
+
+
+def _td(text: str, sort=None, cls: str = "") -> str:
+    """A cell; ``text`` is markup already escaped, ``sort`` the raw value the script sorts by."""
+    attrs = f' class="{cls}"' if cls else ""
+    if sort is not None:
+        attrs += f' data-sort="{esc(sort)}"'
+    return f"<td{attrs}>{text}</td>"
+
+
+# ----------------------------------------------------------------------------- grouping and reading
+
+
+def _groups(table: pd.DataFrame) -> list[pd.DataFrame]:
+    """Entries that saw the same patients (protocol id and hash, dataset, split), each ranked 1..n."""
+    groups = []
+    for _, group in table.groupby(list(COMPARABLE), sort=False, dropna=False):
+        group = group.copy()
+        group["rank"] = range(1, len(group) + 1)
+        groups.append(group)
+    return sorted(groups, key=lambda g: (str(g["protocol_id"].iloc[0]), str(g["protocol_hash"].iloc[0])))
+
+
+def _run_dir(row) -> Path | None:
+    path = Path(str(row["run_dir"])) if str(row["run_dir"]) else None
+    return path if path is not None and path.is_dir() else None
+
+
+def _protocol_description(group: pd.DataFrame) -> str:
+    """The description in ``results/<id>/protocol.json`` beside the runs, if it is the same protocol."""
+    for _, row in group.iterrows():
+        run_dir = _run_dir(row)
+        record = _read_json(run_dir.parent.parent / "protocol.json") if run_dir else None
+        if isinstance(record, dict) and record.get("hash") in (None, row["protocol_hash"]):
+            return str(record.get("description") or "")
+    return ""
+
+
+def _sidecar(csv_path: Path, row_id: str) -> dict:
+    """Per-test-subject values the leaderboard keeps beside the CSV (``<name>.subjects/<row_id>.json``)."""
+    record = _read_json(csv_path.with_name(csv_path.stem + ".subjects") / f"{row_id}.json")
+    subjects = record.get("subjects") if isinstance(record, dict) else None
+    return subjects if isinstance(subjects, dict) else {}
+
+
+def _has_page(row) -> bool:
+    return bool(ROW_ID_PATTERN.fullmatch(str(row["row_id"])))
+
+
+# ----------------------------------------------------------------------------- paired test
+
+
+def paired_badge(row, metric: str) -> tuple[str, float]:
+    """The paired-test verdict as a coloured badge, and a sort key (top first, untested last)."""
+    if row["top_row_id"] == row["row_id"]:
+        return '<span class="badge b-top" title="best entry of this protocol">top</span>', -1.0
+    if row["differs_from_top"] is None or _missing(row["p_vs_top"]):
+        return '<span class="badge b-na" title="no per-subject values to pair">n/a</span>', 2.0
+    p, n = float(row["p_vs_top"]), int(row["paired_subjects"])
+    tip = (f"Wilcoxon signed-rank test of per-subject {LABELS[metric]} against the top entry over {n} test "
+           f"subjects; mean difference top - entry {float(row['diff_vs_top']):+.3f}")
+    if row["differs_from_top"]:
+        return f'<span class="badge b-diff" title="{esc(tip)}">&#8800; p={p:.2g}</span>', p
+    return f'<span class="badge b-same" title="{esc(tip)}">&#8776; p={p:.2g}</span>', p
+
+
+def _paired_short(row) -> tuple[str, str]:
+    """Forest-plot column text and class: 'top', '≠ p=...' (differs) or '≈ p=...'."""
+    if row["top_row_id"] == row["row_id"]:
+        return "top", "top"
+    if row["differs_from_top"] is None or _missing(row["p_vs_top"]):
+        return "n/a", "na"
+    return f"{'≠' if row['differs_from_top'] else '≈'} p={float(row['p_vs_top']):.2g}", \
+        "diff" if row["differs_from_top"] else "same"
+
+
+# ----------------------------------------------------------------------------- forest plot
+
+ROW_H, TOP, LABEL_W, PANEL_W, GAP, PAIR_W = 24, 34, 150, 120, 14, 76
+COLOURS = {"entry": "#1f5fa8", "baseline": "#c27c00"}
+
+
+def _axis(group: pd.DataFrame, metric: str) -> tuple[float, float]:
+    """Axis range of one panel: every interval, rounded out to 0.05, within [0, 1]."""
+    values = pd.concat([group[f"{metric}_ci_low"], group[f"{metric}_ci_high"], group[metric]]).dropna()
+    if values.empty:
+        return 0.0, 1.0
+    lo, hi = max(0.0, math.floor(values.min() * 20) / 20), min(1.0, math.ceil(values.max() * 20) / 20)
+    return (lo, hi) if hi > lo else (max(0.0, lo - 0.05), min(1.0, hi + 0.05))
+
+
+def _panel(group: pd.DataFrame, metric: str, x0: float, height: float) -> list[str]:
+    lo, hi = _axis(group, metric)
+
+    def x(v):
+        return x0 + (float(v) - lo) / (hi - lo) * PANEL_W
+
+    out = [f'<text x="{x0 + PANEL_W / 2:.1f}" y="14" class="ph">{LABELS[metric]}</text>',
+           f'<line x1="{x0:.1f}" y1="{TOP - 8}" x2="{x0 + PANEL_W:.1f}" y2="{TOP - 8}" class="frame"/>']
+    for tick, anchor in ((lo, "s"), ((lo + hi) / 2, "m"), (hi, "e")):
+        out.append(f'<line x1="{x(tick):.1f}" y1="{TOP - 8}" x2="{x(tick):.1f}" y2="{height - 34}" class="grid"/>'
+                   f'<text x="{x(tick):.1f}" y="{height - 22}" class="tick {anchor}">{tick:.2f}</text>')
+    base = group[[is_baseline(m) for m in group["method"]]]
+    if not base.empty and not _missing(base[metric].iloc[0]):
+        bx = x(base[metric].iloc[0])
+        out.append(f'<line x1="{bx:.1f}" y1="{TOP - 8}" x2="{bx:.1f}" y2="{height - 34}" class="baseref">'
+                   f"<title>best baseline: {esc(base['method'].iloc[0])} {_num(base[metric].iloc[0])}</title></line>")
+    for i, (_, row) in enumerate(group.iterrows()):
+        y = TOP + i * ROW_H + ROW_H / 2
+        kind = "baseline" if is_baseline(row["method"]) else "entry"
+        tip = (f"{row['method']}: {LABELS[metric]} {_num(row[metric])} "
+               f"[{_num(row[metric + '_ci_low'])}, {_num(row[metric + '_ci_high'])}]")
+        lo_v, hi_v = row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
+        if not (_missing(lo_v) or _missing(hi_v)):
+            out.append(f'<line x1="{x(lo_v):.1f}" y1="{y:.1f}" x2="{x(hi_v):.1f}" y2="{y:.1f}" class="ci {kind}" '
+                       f'data-metric="{metric}" data-row="{esc(row["row_id"])}" stroke="{COLOURS[kind]}">'
+                       f"<title>{esc(tip)}</title></line>")
+        if not _missing(row[metric]):
+            shape = (f'<rect x="{x(row[metric]) - 4:.1f}" y="{y - 4:.1f}" width="8" height="8"' if kind == "baseline"
+                     else f'<circle cx="{x(row[metric]):.1f}" cy="{y:.1f}" r="4"')
+            out.append(f'{shape} class="pt {kind}" fill="{COLOURS[kind]}"><title>{esc(tip)}</title>'
+                       f'{"</rect>" if kind == "baseline" else "</circle>"}')
+    return out
+
+
+def forest_svg(group: pd.DataFrame, metric: str) -> str:
+    """AUPRC, AUROC and Dice with 95 % intervals, one row per entry in rank order, baseline marked,
+    the paired-test verdict against the top entry (on the ranking ``metric``) in the last column."""
+    n = len(group)
+    height = TOP + n * ROW_H + 42
+    width = LABEL_W + len(FOREST_METRICS) * (PANEL_W + GAP) + PAIR_W
+    parts = [f'<svg class="forest" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="forest plot">']
+    for i, (_, row) in enumerate(group.iterrows()):
+        y = TOP + i * ROW_H + ROW_H / 2 + 4
+        kind = "baseline" if is_baseline(row["method"]) else "entry"
+        label = f"{row['rank']}. {row['method']}" + (" (baseline)" if kind == "baseline" else "")
+        shown = f"{row['rank']}. {row['method']}"
+        shown = shown if len(shown) <= 24 else shown[:23] + "…"
+        parts.append(f'<text x="6" y="{y:.1f}" class="lab {kind}"><title>{esc(label)}</title>{esc(shown)}</text>')
+        text, cls = _paired_short(row)
+        parts.append(f'<text x="{width - PAIR_W + 6}" y="{y:.1f}" class="pv {cls}">{esc(text)}</text>')
+    for k, m in enumerate(FOREST_METRICS):
+        parts += _panel(group, m, LABEL_W + k * (PANEL_W + GAP), height)
+    parts.append(f'<text x="{width - PAIR_W + 6}" y="14" class="ph l">vs top</text>'
+                 f'<text x="6" y="{height - 6}" class="key"><tspan class="entry">&#9679;</tspan> entry&#160;&#160; '
+                 f'<tspan class="baseline">&#9632;</tspan> baseline (dashed: best baseline)&#160;&#160; '
+                 f'paired test on {LABELS[metric]}: &#8800; differs from top (p &lt; {ALPHA:g}), &#8776; no '
+                 "difference shown</text></svg>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- index
+
+
+INDEX_HEADERS = [("rank", ""), ("method", "t"), ("AUPRC [95% CI]", ""), ("AUROC [95% CI]", ""),
+                 ("Dice [95% CI]", ""), ("subject AUROC", ""), ("FP ml / healthy", ""),
+                 ("paired test", "t"), ("train s", ""), ("score s", "")]
+
+
+def _with_ci(row, m: str, sep: str = " ") -> str:
+    return (f"{_num(row[m])}{sep}<span class=ci>[{_num(row[m + '_ci_low'])}, {_num(row[m + '_ci_high'])}]</span>"
+            if not _missing(row[m]) else "")
+
+
+def _index_row(row, metric: str, pages: set) -> str:
+    name = esc(row["method"])
+    if row["row_id"] in pages:
+        name = f'<a href="runs/{esc(row["row_id"])}.html">{name}</a>'
+    if is_baseline(row["method"]):
+        name += ' <span class="badge b-base">baseline</span>'
+    badge, key = paired_badge(row, metric)
+    cells = [_td(str(row["rank"]), row["rank"]), _td(name, row["method"], "t"),
+             *(_td(_with_ci(row, m, "<br>"), _sort_key(row[m])) for m in ("auprc", "auroc", "dice")),
+             _td(_num(row["subject_auroc"]), _sort_key(row["subject_auroc"])),
+             _td(_num(row["fp_ml_healthy"], ".2f"), _sort_key(row["fp_ml_healthy"])),
+             _td(badge, key, "t"),
+             _td(_num(row["train_seconds"], ".0f"), _sort_key(row["train_seconds"])),
+             _td(_num(row["inference_seconds"], ".0f"), _sort_key(row["inference_seconds"]))]
+    return f'<tr class="{"baseline" if is_baseline(row["method"]) else "entry"}" data-row="{esc(row["row_id"])}">' \
+           + "".join(cells) + "</tr>"
+
+
+def _protocol_section(group: pd.DataFrame, metric: str, pages: set, same_id: bool) -> str:
+    first = group.iloc[0]
+    title = str(first["protocol_id"]) + (f" (hash {str(first['protocol_hash'])[:8]})" if same_id else "")
+    subjects = sorted({int(s) for s in group["test_subjects"].dropna()})
+    description = _protocol_description(group)
+    facts = [("protocol hash", _short(first["protocol_hash"])),
+             ("dataset fingerprint", _short(first["dataset_fingerprint"])),
+             ("split fingerprint", _short(first["split_fingerprint"])),
+             ("test subjects", esc(", ".join(map(str, subjects)) or "unknown")), ("entries", str(len(group)))]
+    rows = [_index_row(row, metric, pages) for _, row in group.iterrows()]
+    return (f'<section class="protocol" data-protocol="{esc(first["protocol_id"])}">\n<h2>{esc(title)}</h2>\n'
+            + (f'<p class="muted">{esc(description)}</p>\n' if description else "")
+            + '<p class="inline">' + "".join(f"<span><b>{k}</b> {v}</span>" for k, v in facts) + "</p>\n"
+            + f'<div class="pair"><div class="tbl">{_table(INDEX_HEADERS, rows)}</div>\n'
+            + f'<div class="fig">{forest_svg(group, metric)}</div></div>\n</section>')
+
+
+def index_html(groups: list[pd.DataFrame], csv_path: Path, metric: str, pages: set) -> str:
+    ids = [str(g["protocol_id"].iloc[0]) for g in groups]
+    sections = [_protocol_section(g, metric, pages, ids.count(i) > 1) for g, i in zip(groups, ids)]
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    intro = (f"<h1>Leaderboard</h1>\n<p class=\"muted\">{esc(csv_path.name)}, built {now}; each protocol's entries "
+             f"are ranked by {LABELS[metric]} (pooled test brain voxels). Intervals: 95 % patient-level bootstrap. "
+             f"Paired test: two-sided Wilcoxon signed-rank test of per-subject {LABELS[metric]} against the protocol's "
+             f"top entry (<span class=\"badge b-diff\">&#8800;</span> p &lt; {ALPHA:g}, "
+             f"<span class=\"badge b-same\">&#8776;</span> no difference shown). "
+             f"<span class=\"badge b-base\">baseline</span> rows (FLAIR intensity) are the bar to beat; the dashed "
+             f"line in each panel is the best baseline. Click a column header to sort.</p>")
+    return _page("Leaderboard", intro + "\n" + ("\n".join(sections) or "<p>No entries yet.</p>"))
+
+
+# ----------------------------------------------------------------------------- run pages
+
+
+def _numbers(mapping) -> dict:
+    """The numeric values of a mapping read from a run's own file (anything else is left out)."""
+    if not isinstance(mapping, dict):
+        return {}
+    return {k: v for k, v in mapping.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _pair(a: str, b: str) -> str:
+    return f"{a or 'n/a'} / {b or 'n/a'}"
+
+
+def _facts(pairs: list[tuple[str, str]]) -> str:
+    """A definition list; values are markup already escaped."""
+    return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def _subject_files(run_dir: Path | None) -> dict[str, dict[str, Path]]:
+    """Per subject: the anomaly map and the thresholded mask, where the files exist inside the run."""
+    if run_dir is None:
+        return {}
+    index = _read_json(run_dir / "scores" / "index.json")
+    entries = index.get("subjects", {}) if isinstance(index, dict) else {}
+    files = {}
+    for name, item in entries.items() if isinstance(entries, dict) else ():
+        found = {}
+        score = (item.get("files") or {}).get("score") if isinstance(item, dict) else None
+        if isinstance(score, str):
+            found["map"] = run_dir / "scores" / score
+        found["mask"] = run_dir / "evaluation" / "masks" / f"{name}_mask.nii.gz"
+        files[name] = {k: p for k, p in found.items() if p.is_file() and _inside(p, run_dir)}
+    return files
+
+
+def _subjects_table(subjects: dict, files: dict, fp_ml: dict, page_dir: Path) -> str:
+    headers = [("subject", "t"), ("tumour voxels", ""), ("Dice", ""), ("AUROC", ""), ("AUPRC", ""),
+               ("FP ml", ""), ("map", "t"), ("mask", "t")]
+    rows = []
+    for name in sorted(subjects):
+        values = subjects[name] if isinstance(subjects[name], dict) else {}
+        links = {k: f'<a href="{href(p, page_dir)}">{k}</a>' for k, p in files.get(name, {}).items()}
+        rows.append("<tr>" + "".join([
+            _td(esc(name), name, "t"), _td(esc(values.get("tumour_voxels", "")), values.get("tumour_voxels")),
+            *(_td(_num(values.get(m)), _sort_key(values.get(m))) for m in ("dice", "auroc", "auprc")),
+            _td(_num(fp_ml.get(name), ".2f"), _sort_key(fp_ml.get(name))),
+            _td(links.get("map", ""), None, "t"), _td(links.get("mask", ""), None, "t")]) + "</tr>")
+    return _table(headers, rows) if rows else "<p class=muted>No per-subject values were stored for this entry.</p>"
+
+
+def _json_table(mapping: dict) -> str:
+    """Key / value rows; values as compact JSON, all escaped."""
+    mapping = mapping if isinstance(mapping, dict) else {}
+    rows = [f"<tr><td class=t><code>{esc(k)}</code></td><td class=t><code>"
+            f"{esc(json.dumps(v, default=str) if not isinstance(v, str) else v)}</code></td></tr>"
+            for k, v in sorted(mapping.items())]
+    return f"<table><tbody>{''.join(rows)}</tbody></table>" if rows else "<p class=muted>none recorded</p>"
+
+
+def _code_version(row, env: dict) -> str:
+    """The version the leaderboard row records, and the run's own record where it says otherwise."""
+    text = f"<code>{esc(row['code_version'])}</code>"
+    other = env.get("code_version")
+    return text + (f" (environment.json: <code>{esc(other)}</code>)" if other and other != row["code_version"] else "")
+
+
+def _run_links(run_dir: Path | None, page_dir: Path) -> str:
+    names = ("run.json", "config.json", "environment.json", "evaluation/metrics.json", "evaluation/per_subject.csv",
+             "scores/index.json")
+    found = [(n, run_dir / n) for n in names if run_dir is not None and (run_dir / n).is_file()]
+    return " · ".join(f'<a href="{href(p, page_dir)}">{esc(n)}</a>' for n, p in found) or "none found"
+
+
+def _summary(row, metric: str) -> list[tuple[str, str]]:
+    """The leaderboard's numbers for one entry (recomputed from its maps when it was submitted)."""
+    return [(f"{LABELS[m]} [95% CI]", _with_ci(row, m)) for m in ("auprc", "auroc", "dice")] + [
+        ("Dice oracle (best threshold on test)", _num(row["dice_oracle"])),
+        ("subject-level AUROC (tumour vs healthy subjects)", _num(row["subject_auroc"])),
+        ("false-positive ml per healthy test subject", _num(row["fp_ml_healthy"], ".2f")),
+        ("validation residual healthy / tumour:healthy",
+         _pair(_num(row["healthy_residual"], ".4f"), _num(row["residual_ratio"], ".2f"))),
+        ("validation PSNR / SSIM", _pair(_num(row["psnr"], ".2f"), _num(row["ssim"], ".3f"))),
+        (f"paired test vs top ({LABELS[metric]})", paired_badge(row, metric)[0])]
+
+
+def _environment(row, env: dict) -> str:
+    packages = env.get("packages") if isinstance(env.get("packages"), dict) else {}
+    return "\n".join(["<h2>Environment</h2>", _facts([
+        ("code version", _code_version(row, env)), ("hardware", esc(env.get("hardware", row["hardware"]))),
+        ("python", esc(env.get("python", ""))), ("platform", esc(env.get("platform", "")))]),
+        "<h3>Packages</h3>", _json_table(packages)])
+
+
+def _provenance(row, run_dir: Path | None, site_runs: Path) -> str:
+    def code(column):
+        return f"<code>{esc(row[column])}</code>"
+
+    return _facts([("row id", code("row_id")), ("seed", esc(_num(row["seed"], ".0f"))),
+                   ("config hash", code("config_hash")), ("protocol hash", code("protocol_hash")),
+                   ("dataset fingerprint", code("dataset_fingerprint")), ("split fingerprint", code("split_fingerprint")),
+                   ("run folder", code("run_dir") + ("" if run_dir else " (not found here)")),
+                   ("files", _run_links(run_dir, site_runs))])
+
+
+def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | None) -> str:
+    """One entry: numbers, report figure, per-subject table, environment, timings, config, files."""
+    run_dir = _run_dir(row)
+    record, config, env, metrics = ((_read_json(run_dir / name) if run_dir else None) or {} for name in
+                                    ("run.json", "config.json", "environment.json", "evaluation/metrics.json"))
+    test = metrics.get("test")
+    fp_ml = _numbers(test.get("false_positive_ml_per_healthy_subject") if isinstance(test, dict) else None)
+    base = ' <span class="badge b-base">baseline</span>' if is_baseline(row["method"]) else ""
+    body = ['<p class="small"><a href="../index.html">&larr; leaderboard</a></p>',
+            f"<h1>{esc(row['method'])}{base}</h1>",
+            f'<p class="muted">rank {esc(row["rank"])} of protocol <b>{esc(row["protocol_id"])}</b>, '
+            f"{esc(_num(row['test_subjects'], '.0f'))} test subjects</p>",
+            "<h2>Numbers (recomputed at submission)</h2>", _facts(_summary(row, metric)),
+            "<h2>Report</h2>",
+            f'<img class="report" src="{esc(figure)}" alt="report figure">' if figure
+            else "<p class=muted>No report figure found in the run folder.</p>",
+            "<h2>Per test subject</h2>",
+            '<p class="muted small">Dice at the validation threshold, AUROC / AUPRC over the subject\'s brain voxels '
+            "(blank where undefined); FP ml: false-positive volume of a healthy subject, from the run's own "
+            "evaluation. Maps and masks are NIfTI files in the subject's original space.</p>",
+            _subjects_table(subjects, _subject_files(run_dir), fp_ml, site_runs),
+            _environment(row, env),
+            "<h2>Timings</h2>", _facts([
+                ("training s", _num(row["train_seconds"], ".1f")), ("scoring s", _num(row["inference_seconds"], ".1f")),
+                ("run created", esc(record.get("created", ""))), ("submitted", esc(row["submitted_at"]))]),
+            "<h2>Resolved config</h2>", _json_table(config or record.get("entry") or {}),
+            "<h2>Provenance</h2>", _provenance(row, run_dir, site_runs)]
+    return _page(f"{row['method']} - {row['protocol_id']}", "\n".join(body))
+
+
+def _copy_figure(row, tmp_runs: Path) -> str | None:
+    """Copy the run's report PNG into the site (the only copied file); its link relative to the page."""
+    run_dir = _run_dir(row)
+    source = run_dir / "evaluation" / "report.png" if run_dir else None
+    if source is None or not source.is_file():
+        return None
+    target = tmp_runs / row["row_id"] / "report.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return f"{row['row_id']}/report.png"
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def default_out(csv_path) -> Path:
+    """``site/`` beside the leaderboard CSV (``results/leaderboard.csv`` -> ``results/site``)."""
+    return Path(csv_path).parent / "site"
+
+
+def _check_out(out: Path) -> None:
+    """Only a new or empty folder, or a site written here before, may be (re)placed."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+        raise InputError(out, "exists and is not a leaderboard site; choose a new or empty folder")
+
+
+def build_site(csv_path, out=None, metric: str = "auprc") -> Path:
+    """Write the static site for ``csv_path`` into ``out`` (default :func:`default_out`); returns index.html."""
+    csv_path = Path(csv_path)
+    out = Path(out) if out is not None else default_out(csv_path)
+    _check_out(out)
+    groups = _groups(ranked_table(csv_path, metric=metric))
+    final_runs = out.resolve() / "runs"
+    with atomic_dir(out) as tmp:
+        (tmp / MARKER).write_text("written by pipeline.site; the whole folder is replaced on every rebuild\n")
+        (tmp / "runs").mkdir()
+        pages = set()
+        for group in groups:
+            for _, row in group[[_has_page(r) for _, r in group.iterrows()]].iterrows():
+                figure = _copy_figure(row, tmp / "runs")
+                page = run_html(row, metric, _sidecar(csv_path, row["row_id"]), final_runs, figure)
+                (tmp / "runs" / f"{row['row_id']}.html").write_text(page, encoding="utf-8")
+                pages.add(row["row_id"])
+        (tmp / "index.html").write_text(index_html(groups, csv_path, metric, pages), encoding="utf-8")
+    return out / "index.html"
