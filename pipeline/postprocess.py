@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 import torch
 import torch.nn.functional as F
-from monai.networks.layers import median_filter as monai_median_filter
 from scipy import ndimage
 
 from .errors import InputError
@@ -43,21 +43,51 @@ def erode(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
     return out
 
 
+MEDIAN9_NETWORK = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5), (7, 8), (0, 3), (5, 8), (4, 7),
+                   (3, 6), (1, 4), (2, 5), (4, 7), (4, 2), (6, 4), (4, 2))
+"""Compare-exchange pairs whose 19 min/max steps leave the median of 9 values in position 4
+(Paeth's median-of-9 network, as in N. Devillard's ``opt_med9``)."""
+
+
 def median_filter(maps: torch.Tensor, size: int = 3) -> torch.Tensor:
-    """Per-slice median filter of (B, 1, H, W) maps (edge-replicated), vectorised over the batch."""
+    """Per-slice median filter of (B, 1, H, W) maps (edge-replicated), vectorised over the batch.
+
+    Size 3 runs :data:`MEDIAN9_NETWORK` on the nine shifted views (element-wise min/max, no 9x
+    window tensor): the same values as ``unfold`` + ``median`` and about 5-10x faster on 2 cores
+    (``benchmarks/bench_score.py``). Other sizes use ``unfold`` + ``median``.
+    """
     if size <= 1:
         return maps
     b, c, h, w = maps.shape
     padded = F.pad(maps, (size // 2,) * 4, mode="replicate")
+    if size == 3:
+        views = [padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+        for lo, hi in MEDIAN9_NETWORK:
+            views[lo], views[hi] = torch.minimum(views[lo], views[hi]), torch.maximum(views[lo], views[hi])
+        return views[4].contiguous()
     windows = F.unfold(padded, kernel_size=size)  # (B, C * size * size, H * W)
     return windows.view(b, c, size * size, h * w).median(dim=2).values.view(b, c, h, w)
 
 
-def median_filter_3d(volume: torch.Tensor, size: int = 5) -> torch.Tensor:
-    """3D median filter of a (1, H, W, D) map (MONAI's ``median_filter``); ``size <= 1`` is a no-op."""
+def median_filter_3d(volume: torch.Tensor, size: int = 5, chunk: int = 8) -> torch.Tensor:
+    """3D median filter of a (1, H, W, D) map, edge-replicated; ``size <= 1`` is a no-op.
+
+    Hand-written rather than MONAI's ``median_filter`` (same values, checked in the tests): MONAI
+    convolves with ``size**3`` one-hot kernels and takes a sorted median over them; selecting the
+    middle value with ``np.partition`` over sliding windows, ``chunk`` planes at a time (memory
+    bounded by ``chunk * H * W * size**3`` values), is about 5x faster on 2 cores for 64x64x70.
+    """
     if size <= 1:
         return volume
-    return monai_median_filter(volume[None].float(), kernel_size=(int(size),) * 3, spatial_dims=3)[0]
+    size, r = int(size), int(size) // 2
+    vol = volume[0].detach().cpu().numpy().astype(np.float32, copy=False)
+    padded = np.pad(vol, r, mode="edge")
+    out = np.empty_like(vol)
+    k = (size ** 3 - 1) // 2
+    for start in range(0, vol.shape[0], chunk):
+        windows = sliding_window_view(padded[start:start + chunk + 2 * r], (size,) * 3).reshape(-1, size ** 3)
+        out[start:start + chunk] = np.partition(windows, k, axis=1)[:, k].reshape(-1, *vol.shape[1:])
+    return torch.from_numpy(out)[None].to(volume.device)
 
 
 def remove_small_components(volume: np.ndarray, threshold: float, min_voxels: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.noise import make_noise
-from pipeline.postprocess import HealthyResidualStats, median_filter_3d, remove_small_components
+from pipeline.postprocess import HealthyResidualStats, median_filter, median_filter_3d, remove_small_components
 from pipeline.samplers import (ddim_reconstruct, noise_patch, patch_grid, patch_masks, patched_reconstruct,
                                x0_reconstruct)
 from pipeline.score import ScoreSettings, map_from_residual, noise_streams, reconstruct
@@ -158,3 +158,23 @@ def test_multimodal_map_takes_the_largest_channel_and_baseline_reads_flair_only(
     baseline = ScoreSettings(sampler="flair")
     residual, _ = reconstruct(None, x, None, [], baseline, flair_channel=0)
     assert residual.shape == (1, 1, 12, 12) and torch.equal(residual[0, 0], x[0, 0])
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_3d_median_equals_monai_median_filter(size):
+    from monai.networks.layers import median_filter as monai_median_filter
+
+    volume = torch.rand(1, 11, 9, 13, generator=torch.Generator().manual_seed(size))
+    volume[0, :4, :4, :4] = 0.5  # ties
+    expected = monai_median_filter(volume[None], kernel_size=(size,) * 3, spatial_dims=3)[0]
+    assert torch.equal(median_filter_3d(volume, size, chunk=4), expected)
+
+
+def test_2d_median_network_equals_sorted_median():
+    maps = torch.rand(5, 1, 17, 12, generator=torch.Generator().manual_seed(0))
+    maps[:, :, :6, :6] = torch.round(maps[:, :, :6, :6] * 3) / 3  # ties
+    padded = torch.nn.functional.pad(maps, (1,) * 4, mode="replicate")
+    windows = torch.nn.functional.unfold(padded, kernel_size=3).view(5, 1, 9, 17 * 12)
+    expected = windows.median(dim=2).values.view(5, 1, 17, 12)
+    assert torch.equal(median_filter(maps, 3), expected)
+    assert median_filter(maps, 5).shape == maps.shape
