@@ -29,7 +29,7 @@ from .errors import InputError
 from .leaderboard import protocol_hash, split_fingerprint
 
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
-MATRIX_KEYS = ("noise", "prediction_type", "schedule", "learning_rate", "batch_size", "train_steps", "ema_decay",
+MATRIX_KEYS = ("noise", "coarse_resolution", "prediction_type", "schedule", "learning_rate", "batch_size", "train_steps", "ema_decay",
                "train_patch_size", "sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "residual_norm",
                "median_3d", "min_component_voxels", "seed")
 SCORE_KEYS = ("sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "score_batch_size", "map_reduce",

@@ -1,7 +1,15 @@
-"""Noise for diffusion training and scoring: Gaussian (DDPM) or simplex (AnoDDPM, Wyatt et al. 2022).
+"""Noise for diffusion training and scoring: Gaussian (DDPM), simplex (AnoDDPM, Wyatt et al. 2022)
+or coarse (Kascenas et al., MedIA 2023).
 
-Simplex noise is low-frequency, so partial diffusion with it hides whole tumours rather than
-single pixels, and the model has to "repaint" them as healthy tissue.
+Simplex and coarse noise are low-frequency, so partial diffusion with them hides whole tumours
+rather than single pixels, and the model has to "repaint" them as healthy tissue.
+
+Coarse noise: Gaussian noise drawn on a ``coarse_resolution`` x ``coarse_resolution`` grid per
+(sample, channel), upsampled bilinearly to the image (Kascenas et al.: 16x16 at 128x128, i.e.
+a cell of 8 px; the default keeps that ratio, ``image_size / 8`` cells), then normalised per plane
+to zero mean and unit variance as epsilon must be. Its strength is the diffusion level: noising to
+t_L gives a corruption of standard deviation sqrt((1 - abar_t) / abar_t) relative to the clean
+image, the role the DAE's sigma plays in their paper.
 
 How simplex epsilon is built (one batch):
 
@@ -35,7 +43,7 @@ import torch
 
 from .errors import InputError
 
-NOISE_TYPES = ("gaussian", "simplex")
+NOISE_TYPES = ("gaussian", "simplex", "coarse")
 
 PERIOD = 1536.0
 """OpenSimplex 3D repeats with this period (256-entry permutation table times the 1/6 skew)."""
@@ -70,6 +78,16 @@ def _check_params(octaves, persistence, feature_size, image_size, seed) -> None:
         raise InputError("noise", f"image_size must be > 0, got {image_size!r}")
     if not _is_int(seed):
         raise InputError("noise", f"seed must be an integer, got {seed!r}")
+
+
+def default_coarse_resolution(image_size: float) -> int:
+    """Grid cells per side: a cell of 8 px, as Kascenas et al.'s 16x16 at 128 px; at least 2."""
+    return max(2, int(round(image_size / 8.0)))
+
+
+def _check_coarse(coarse_resolution) -> None:
+    if coarse_resolution is not None and (not _is_int(coarse_resolution) or coarse_resolution < 1):
+        raise InputError("noise", f"coarse_resolution must be an integer >= 1, got {coarse_resolution!r}")
 
 
 def default_feature_size(image_size: float) -> float:
@@ -130,9 +148,13 @@ class NoiseGenerator:
     can be saved with :meth:`state_dict` to resume exactly. Picklable for DataLoader workers.
     """
 
-    def __init__(self, noise_type="gaussian", octaves=6, persistence=0.8, feature_size=None, image_size=64, seed=0):
+    def __init__(self, noise_type="gaussian", octaves=6, persistence=0.8, feature_size=None, image_size=64, seed=0,
+                 coarse_resolution=None):
         self.noise_type = _check_type(noise_type)
         _check_params(octaves, persistence, feature_size, image_size, seed)
+        _check_coarse(coarse_resolution)
+        self.coarse_resolution = (int(coarse_resolution) if coarse_resolution is not None
+                                  else default_coarse_resolution(image_size))
         self.octaves = int(octaves)
         self.persistence = float(persistence)
         self.image_size = image_size
@@ -142,15 +164,27 @@ class NoiseGenerator:
 
     def __repr__(self) -> str:
         return (f"NoiseGenerator(noise_type={self.noise_type!r}, octaves={self.octaves}, "
-                f"persistence={self.persistence}, feature_size={self.feature_size}, seed={self.seed})")
+                f"persistence={self.persistence}, feature_size={self.feature_size}, "
+                f"coarse_resolution={self.coarse_resolution}, seed={self.seed})")
 
     def __call__(self, shape, device=None, dtype=torch.float32) -> torch.Tensor:
         shape = _check_shape(shape)
         if self.noise_type == "gaussian":
             noise = torch.randn(shape, generator=self._generator, dtype=torch.float32)
+        elif self.noise_type == "coarse":
+            noise = self._coarse(shape)
         else:
             noise = torch.from_numpy(self._simplex(shape).astype(np.float32))
         return noise.to(device=device, dtype=dtype)
+
+    def _coarse(self, shape) -> torch.Tensor:
+        """Gaussian on a coarse grid, bilinearly upsampled, normalised per (sample, channel) plane."""
+        batch, channels, height, width = shape
+        grid = torch.randn((batch, channels, self.coarse_resolution, self.coarse_resolution),
+                           generator=self._generator, dtype=torch.float32)
+        planes = torch.nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+        flat = planes.reshape(batch * channels, height, width).double().numpy()
+        return torch.from_numpy(_normalise(flat).astype(np.float32)).reshape(shape)
 
     def _simplex(self, shape) -> np.ndarray:
         """Normalised simplex planes for (B, C, H, W), in chunks small enough to keep slices apart."""
@@ -170,7 +204,8 @@ class NoiseGenerator:
 
     def with_seed(self, seed: int) -> "NoiseGenerator":
         """Same settings, independent stream (validation noise must not share training's)."""
-        return NoiseGenerator(self.noise_type, self.octaves, self.persistence, self.feature_size, self.image_size, seed)
+        return NoiseGenerator(self.noise_type, self.octaves, self.persistence, self.feature_size, self.image_size, seed,
+                              self.coarse_resolution)
 
     def reset(self) -> None:
         """Restart the stream from the seed (validation draws the same noise every epoch)."""
@@ -181,6 +216,8 @@ class NoiseGenerator:
         config = {"noise_type": self.noise_type, "seed": self.seed}
         if self.noise_type == "simplex":
             config.update(octaves=self.octaves, persistence=self.persistence, feature_size=self.feature_size)
+        if self.noise_type == "coarse":
+            config.update(coarse_resolution=self.coarse_resolution)
         return config
 
     def state_dict(self) -> dict:

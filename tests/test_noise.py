@@ -27,7 +27,7 @@ def _planes(x: torch.Tensor) -> np.ndarray:
 
 
 def test_noise_types():
-    assert NOISE_TYPES == ("gaussian", "simplex")
+    assert NOISE_TYPES == ("gaussian", "simplex", "coarse")
 
 
 def test_simplex_is_normalised_per_sample_and_channel():
@@ -176,7 +176,7 @@ def test_unknown_noise_type():
     with pytest.raises(InputError) as err:
         make_noise("pink")
     assert err.value.source == "noise"
-    assert err.value.problem == "unknown noise type 'pink'; choose one of gaussian, simplex"
+    assert err.value.problem == "unknown noise type 'pink'; choose one of gaussian, simplex, coarse"
     with pytest.raises(InputError):
         NoiseGenerator("pink")
 
@@ -194,3 +194,36 @@ def test_bad_parameters(kwargs):
 def test_bad_plane_size():
     with pytest.raises(InputError):
         simplex_noise_2d(0, 8, 6, 0.8, 4.0, 0.0, 0)
+
+
+# ----------------------------------------------------------------------------- coarse noise
+
+
+def test_coarse_noise_is_an_upsampled_coarse_gaussian_normalised_per_plane():
+    gen = make_noise("coarse", image_size=32, seed=5, coarse_resolution=4)
+    x = gen((3, 2, 32, 32))
+    # by hand: the same draws on a 4x4 grid, bilinear to 32x32, zero mean / unit variance per plane
+    grid = torch.randn((3, 2, 4, 4), generator=torch.Generator().manual_seed(5))
+    up = torch.nn.functional.interpolate(grid, size=(32, 32), mode="bilinear", align_corners=False).double()
+    mean, std = up.mean(dim=(2, 3), keepdim=True), up.std(dim=(2, 3), keepdim=True, unbiased=False)
+    assert torch.allclose(x.double(), (up - mean) / std, atol=1e-5)
+    # coarse: neighbours 4 px apart (half a cell) still correlate strongly, unlike Gaussian noise
+    lag = (x[..., :, :-4] * x[..., :, 4:]).mean()
+    white = make_noise("gaussian", image_size=32, seed=5)((3, 2, 32, 32))
+    assert lag > 0.5 and abs(float((white[..., :, :-4] * white[..., :, 4:]).mean())) < 0.1
+
+
+def test_coarse_noise_default_resolution_seeds_and_resume():
+    assert make_noise("coarse", image_size=128).coarse_resolution == 16
+    assert make_noise("coarse", image_size=8).coarse_resolution == 2
+    a, b = make_noise("coarse", image_size=32, seed=1), make_noise("coarse", image_size=32, seed=1)
+    assert torch.equal(a((2, 1, 32, 32)), b((2, 1, 32, 32)))
+    state = a.state_dict()
+    first = a((2, 1, 32, 32))
+    b.load_state_dict(state)
+    assert torch.equal(b((2, 1, 32, 32)), first)
+    other = make_noise("coarse", image_size=32, seed=1, coarse_resolution=8)
+    with pytest.raises(InputError, match="does not match"):
+        other.load_state_dict(state)
+    with pytest.raises(InputError, match="coarse_resolution"):
+        make_noise("coarse", coarse_resolution=0)
