@@ -7,15 +7,19 @@ simplex noise, an EMA of the weights, atomic checkpoints with resume, and the lo
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import random
 import re
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 from unittest import mock
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
 from monai.engines import DiffusionPrepareBatch
@@ -26,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .atomic import atomic_path, remove_orphans
 from .data import SliceDataset
 from .errors import InputError
 from .noise import NoiseGenerator
@@ -180,15 +185,40 @@ def clean_outside(images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Te
     return mask * noise + (1 - mask) * context
 
 
+class EpochSampler(DistributedSampler):
+    """Shuffled order that is a pure function of (seed, epoch), sharded across ranks when distributed.
+
+    A resumed run replays the same order from nothing but the epoch (MONAI's trainer calls
+    ``set_epoch`` at every epoch start), and :meth:`start_at` lets a run resumed mid-epoch begin
+    with the first batch the killed run had not yet trained on.
+    """
+
+    def __init__(self, dataset, shuffle: bool = True, seed: int = 0, distributed: bool = False):
+        replicas, rank = (None, None) if distributed else (1, 0)
+        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self._starts: dict[int, int] = {}
+
+    def start_at(self, epoch: int, position: int) -> None:
+        """In ``epoch``, begin ``position`` samples into this rank's order (other epochs stay whole)."""
+        self._starts = {int(epoch): int(position)}
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self._starts.get(self.epoch, 0), None)
+
+
 def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_size: int = 32,
                  shuffle: bool = True, num_workers: int = 0, distributed: bool = False,
                  seed: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Loader over cached healthy slices; a DistributedSampler shards them across ranks."""
+    """Loader over cached healthy slices, in an order a resumed run can replay (:class:`EpochSampler`).
+
+    The loader's own seeded generator draws the worker base seeds, so iterating it never touches the
+    global torch RNG (a resumed run creates its iterators at other moments than an uninterrupted one).
+    """
     dataset = SliceDataset(cache_dir, section)
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if distributed else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=num_workers, drop_last=False, persistent_workers=num_workers > 0,
-                      pin_memory=bool(pin_memory))
+    sampler = EpochSampler(dataset, shuffle=shuffle, seed=seed, distributed=distributed) if shuffle or distributed else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False,
+                      persistent_workers=num_workers > 0, pin_memory=bool(pin_memory),
+                      generator=torch.Generator().manual_seed(int(seed)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,13 +263,17 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total: in
 
 
 class StopAtStep:
-    """Ignite handler: end training after exactly ``steps`` optimiser steps (COMPLETED still fires)."""
+    """Ignite handler: end training after exactly ``steps`` optimiser steps (COMPLETED still fires).
+
+    Also checked when an epoch starts: a run resumed from its final checkpoint (killed before
+    ``model.pt`` was written) must not take one step more.
+    """
 
     def __init__(self, steps: int):
         self.steps = int(steps)
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED | Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
         if engine.state.iteration >= self.steps:
@@ -288,17 +322,20 @@ def _loss_of(output) -> float:
     return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
 
 
+CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}_(\d+)\.pt$")
+
+
 def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Checkpoints in ``ckpt_dir``, oldest first (by iteration number in the file name)."""
     folder = Path(ckpt_dir)
     if not folder.is_dir():
         return []
-    found = []
-    for path in folder.glob(f"{CHECKPOINT_PREFIX}_*.pt"):
-        match = re.search(r"_(\d+)\.pt$", path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name)), key=checkpoint_step)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """Iteration a checkpoint was taken at, from its file name."""
+    return int(CHECKPOINT_NAME.match(Path(path).name).group(1))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -322,54 +359,224 @@ def load_state(module, state: dict, source: str | os.PathLike) -> None:
                                  f"(different architecture or settings): {' '.join(missing)[:300]}") from None
 
 
-class AtomicCheckpoint:
-    """Saves ``objects`` (plus the engine) every ``every_n_epochs`` and at the end; resumes too.
+# ----------------------------------------------------------------------------------------------
+# crash-consistent checkpoints
 
-    Files are written through ignite's ``DiskSaver(atomic=True)`` (temp file + rename) and the
-    previous checkpoint is kept until the new one is complete, so a kill at any moment leaves a
-    loadable checkpoint. On STARTED, the newest checkpoint in ``ckpt_dir`` (if any) is loaded.
-    DDP-wrapped modules are saved unwrapped (ignite does this), so any run can resume any other.
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _from_rank_zero(value):
+    """Rank 0's ``value`` on every rank (collective), so all ranks act on one view of the folder."""
+    if _rank_and_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value) -> list:
+    """Every rank's ``value`` in rank order (collective: all ranks call it, rank 0 writes the result)."""
+    world = _rank_and_world()[1]
+    if world == 1:
+        return [value]
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def rng_state() -> dict:
+    """This process's global RNG states (torch CPU and CUDA, numpy, Python) as tensors and numbers,
+    so checkpoints keep loading with ``weights_only=True``."""
+    np_state = np.random.get_state(legacy=False)
+    version, internal, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Continue the global RNG streams saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    saved = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
+                         "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}})
+    saved = state["python"]
+    random.setstate((saved["version"], tuple(saved["internal"].tolist()), saved["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class GlobalRNG:
+    """Checkpoint entry for the global RNGs of every rank: each rank continues its own streams."""
+
+    def state_dict(self) -> dict:
+        return {"ranks": _gather(rng_state())}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        rank, world = _rank_and_world()
+        ranks = state["ranks"]
+        if len(ranks) != world:
+            warnings.warn(f"the checkpoint holds the RNG states of {len(ranks)} processes and this run has {world}: "
+                          "it continues, but cannot repeat the interrupted run exactly")
+        if rank < len(ranks):
+            set_rng_state(ranks[rank])
+
+
+class KillSafeSaver(DiskSaver):
+    """ignite ``DiskSaver`` for checkpoints that a kill at any instant leaves consistent.
+
+    Each file is written to a temp file named after its writer (:func:`pipeline.atomic.atomic_path`)
+    and renamed into place, so a later start can tell a dead writer's leftovers; removing a file
+    that is already gone (a kill fell between a rotation and the list that recorded it) is no error.
     """
 
+    def __init__(self, dirname: str | os.PathLike, save_on_rank: int = 0, **kwargs):
+        super().__init__(str(dirname), atomic=True, require_empty=False, save_on_rank=save_on_rank, **kwargs)
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        with atomic_path(path) as tmp:
+            func(checkpoint, tmp, **self.kwargs)
+
+    def remove(self, filename: str) -> None:
+        if _rank_and_world()[0] == self.save_on_rank:
+            (self.dirname / filename).unlink(missing_ok=True)
+
+
+def replay_position(engine: Engine) -> None:
+    """Make a run resumed mid-epoch start at the first batch the interrupted run had not trained on.
+
+    ignite counts the epoch's remaining iterations but would draw them from the start of a fresh
+    loader pass; :class:`EpochSampler` skips the consumed samples instead (no RNG involved).
+    """
+    length = engine.state.epoch_length
+    done = engine.state.iteration % length if length else 0
+    if not done:
+        return
+    loader = engine.state.dataloader
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, EpochSampler) and getattr(loader, "batch_size", None):
+        sampler.start_at(engine.state.epoch + 1, done * loader.batch_size)
+    else:
+        warnings.warn("resuming mid-epoch with a loader whose order cannot be replayed (not an EpochSampler): "
+                      "the rest of this epoch sees other batches than the interrupted run would have")
+
+
+class AtomicCheckpoint:
+    """Crash-consistent checkpoints: a run killed at any instant and started again ends with the
+    weights of a run never stopped (same seed, same device).
+
+    Saves every ``every_n_epochs`` epochs, every ``every_n_iterations`` iterations (0: off) and at
+    the end; on STARTED, resumes from the newest checkpoint in ``ckpt_dir``. A checkpoint holds
+    ``objects`` (network, EMA, optimiser, LR schedule, the prepare-batch noise and timestep
+    streams), the engine's position, every rank's global RNG states and the AMP scaler; the
+    loader's order follows from the epoch (:class:`EpochSampler`). Attach it after the handlers
+    whose effect it must capture (LR schedule, EMA, validation): on a shared event it runs after them.
+
+    Kill safety: writes go through :class:`KillSafeSaver`; temps of dead writers are removed at
+    start; the rotation list is read from the folder at start. DDP-wrapped modules are saved
+    unwrapped (ignite does this), so any run can resume any other; only rank 0 writes.
+    """
+
+    OPTIONAL = ("rng", "scaler")
+    """Entries older checkpoints may lack: such a resume works but is not exact."""
+
     def __init__(self, ckpt_dir: str | os.PathLike, objects: dict, every_n_epochs: int = 1,
-                 n_saved: int = 2, resume: bool = True):
+                 every_n_iterations: int = 0, n_saved: int = 2, resume: bool = True):
+        for name, value in (("checkpoint_every", every_n_epochs), ("checkpoint_every_iterations", every_n_iterations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(name, f"must be a whole number >= 0 (0: off), got {value!r}")
         self.ckpt_dir, self.objects = Path(ckpt_dir), objects
-        self.every_n_epochs, self.n_saved, self.resume = every_n_epochs, n_saved, resume
+        self.every_n_epochs, self.every_n_iterations = every_n_epochs, every_n_iterations
+        self.n_saved, self.resume = n_saved, resume
+        self._saved_at: int | None = None
 
     def attach(self, engine: Engine) -> None:
-        self.objects = {**self.objects, "trainer": engine}  # the engine is known only here
-        if self.resume:
-            engine.add_event_handler(Events.STARTED, self.load_latest)
-        # every rank attaches (ignite's collectives need all of them); only rank 0 writes
-        saver = Checkpoint(
-            self.objects, DiskSaver(str(self.ckpt_dir), require_empty=False, atomic=True, save_on_rank=0),
+        self.objects = {**self.objects, "trainer": engine, "rng": GlobalRNG()}  # the engine is known only here
+        if getattr(engine, "scaler", None) is not None:
+            self.objects["scaler"] = engine.scaler
+        # every rank attaches (the RNG gather and ignite's collectives need all of them); only rank 0 writes
+        self.checkpoint = Checkpoint(
+            self.objects, KillSafeSaver(self.ckpt_dir, save_on_rank=0),
             filename_prefix=CHECKPOINT_PREFIX, n_saved=self.n_saved,
             global_step_transform=lambda eng, _: eng.state.iteration,
             filename_pattern="{filename_prefix}_{global_step}.{ext}",
         )
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every_n_epochs) | Events.COMPLETED, saver)
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.on_epoch)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+        if self.every_n_iterations:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self.on_iteration)
 
-    def load_latest(self, engine: Engine) -> None:
-        files = checkpoint_files(self.ckpt_dir)
-        if not files:
+    def on_iteration(self, engine: Engine) -> None:
+        """Mid-epoch checkpoint; at an epoch's last iteration :meth:`on_epoch` saves instead, after validation."""
+        if not engine.state.epoch_length or engine.state.iteration % engine.state.epoch_length:
+            self.save(engine)
+
+    def on_epoch(self, engine: Engine) -> None:
+        epoch_due = self.every_n_epochs and engine.state.epoch % self.every_n_epochs == 0
+        iteration_due = self.every_n_iterations and engine.state.iteration % self.every_n_iterations == 0
+        if epoch_due or iteration_due:
+            self.save(engine)
+
+    def save(self, engine: Engine) -> None:
+        """One checkpoint per iteration at most (an epoch's end and the run's end may coincide)."""
+        if engine.state.iteration != self._saved_at:
+            self.checkpoint(engine)
+            self._saved_at = engine.state.iteration
+
+    def start(self, engine: Engine) -> None:
+        """Remove a dead writer's temps, then continue where the newest checkpoint left off."""
+        if _rank_and_world()[0] == 0:
+            for path in remove_orphans(self.ckpt_dir):
+                engine.logger.info(f"removed {path}, left by a writer that was killed")
+        if not self.resume:
             return
-        state = load_checkpoint(files[-1])
-        missing = sorted(set(self.objects) - set(state))
+        files = _from_rank_zero(checkpoint_files(self.ckpt_dir))
+        if files:
+            self.load(engine, files[-1])  # first: a folder of another run's checkpoints stops here, untouched
+            self._saved_at = engine.state.iteration
+            replay_position(engine)
+        self._rotate_from(files)
+
+    def _rotate_from(self, files: list[Path]) -> None:
+        """Rotate the files the folder holds now (the list of a killed run is stale); extras beyond
+        ``n_saved`` go at once."""
+        keep = files[-self.n_saved:] if self.n_saved else files
+        if _rank_and_world()[0] == 0:
+            for path in files[:len(files) - len(keep)]:
+                path.unlink(missing_ok=True)
+        self.checkpoint.load_state_dict({"_saved": [(checkpoint_step(p), p.name) for p in keep]})
+
+    def load(self, engine: Engine, path: Path) -> None:
+        state = load_checkpoint(path)
+        missing = sorted(set(self.objects) - set(state) - set(self.OPTIONAL))
         if missing:
-            raise InputError(files[-1], f"checkpoint lacks {', '.join(missing)}; was it written by this bundle?")
+            raise InputError(path, f"checkpoint lacks {', '.join(missing)}; was it written by this bundle?")
         for name, obj in self.objects.items():
-            if isinstance(obj, torch.nn.Module):
+            if name not in state:
+                warnings.warn(f"{path} has no {name!r} state (written by an older version): "
+                              "the resumed run will not repeat the interrupted one exactly")
+            elif isinstance(obj, torch.nn.Module):
                 load_state(getattr(obj, "module", obj) if isinstance(obj, DistributedDataParallel) else obj,
-                           state[name], files[-1])
+                           state[name], path)
             else:
                 obj.load_state_dict(state[name])
-        engine.logger.info(f"resumed from {files[-1]} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        engine.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
 
 def save_model(path: str | os.PathLike, module: torch.nn.Module) -> None:
     """Write the (EMA) network weights atomically: the file inference loads."""
-    from .atomic import atomic_path
-
     module = module.module if hasattr(module, "module") else module
     with atomic_path(path) as tmp:
         torch.save(module.state_dict(), tmp)
