@@ -59,7 +59,8 @@ def measure(fn, record: dict, key: str):
 
 
 def worker_ours(scores: np.ndarray, labels: np.ndarray) -> dict:
-    from pipeline.metrics import ScoreAccumulator, auprc, auroc, pixel_metrics
+    from pipeline.metrics import auprc, auroc, pixel_metrics
+    from pipeline.pooled import ScoreAccumulator
 
     rec: dict = {}
     rec["values"] = measure(lambda: pixel_metrics(scores, labels), rec, "pixel_metrics (1 sort)")
@@ -90,7 +91,7 @@ def worker_sklearn(scores: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def run_worker(side: str, n: int) -> dict:
-    import pipeline.metrics  # noqa: F401  imports first, so RSS growth counts only the computation
+    import pipeline.pooled  # noqa: F401  imports first (metrics too), so RSS growth counts only the computation
     import sklearn.metrics  # noqa: F401
 
     scores, labels = make_data(n)

@@ -29,7 +29,7 @@ from common import machine
 from pipeline.benchmark import entry_score_settings, entry_train_settings, config_hash, expand_methods, is_baseline, load_protocol
 from pipeline.bundle import make_workflow
 from pipeline.data import load_subjects, preprocess_transforms
-from pipeline.metrics import ScoreAccumulator
+from pipeline.pooled import ScoreAccumulator
 from pipeline.score import load_model, noise_streams, reconstruct, score_subject
 
 

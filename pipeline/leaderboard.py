@@ -32,12 +32,12 @@ per-test-subject AUROC, AUPRC (``null`` for a subject without tumour or without 
 where they are undefined) and Dice at the validation threshold. :func:`ranked_table` compares
 each entry with the best entry sharing its protocol (id and hash), dataset and split by a
 two-sided Wilcoxon signed-rank test on the per-subject differences (``scipy.stats.wilcoxon``,
-zero differences dropped). Why this and not the pooled-voxel paired bootstrap of
-:func:`pipeline.metrics.paired_bootstrap`: that one needs every voxel score of both methods,
-which the CSV does not keep, and a bootstrap over a handful of test patients is anti-conservative
-(two patients that both favour A already give p ~ 0.002), while the exact signed-rank test states
-honestly that fewer than 6 paired patients can never reach p < 0.05. The test is on per-subject
-values (the BraTS-style per-case comparison), the ranking on pooled values; both are reported.
+zero differences dropped). Why this and not a pooled-voxel paired bootstrap over patients: that
+needs every voxel score of both methods, which the CSV does not keep, and a bootstrap over a
+handful of test patients is anti-conservative (two patients that both favour A already give
+p ~ 0.002), while the exact signed-rank test states honestly that fewer than 6 paired patients
+can never reach p < 0.05. The test is on per-subject values (the BraTS-style per-case
+comparison), the ranking on pooled values; both are reported.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ import uuid
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -63,6 +64,9 @@ from filelock import FileLock, Timeout
 from .atomic import atomic_path, write_json
 from .errors import InputError
 from .metrics import METRICS, pixel_metrics
+
+if TYPE_CHECKING:  # evaluate imports MONAI: loaded only when a submission is evaluated
+    from .evaluate import Evaluation
 
 COLUMNS = [
     "row_id",  # 32 hex digits; names the per-subject sidecar
@@ -320,27 +324,36 @@ def _check_provenance(run: dict, run_json: Path, run_dir: Path, record: dict) ->
                              f"{len(record['split'][section])} {section} subjects")
 
 
-def maps_hash(volumes: dict) -> str:
-    """SHA-256 over the test maps' voxel values (by subject): the same maps under another name or
-    re-encoded in another file are the same submission."""
-    digest = hashlib.sha256()
-    for name in sorted(volumes):
-        score = np.ascontiguousarray(volumes[name]["score"], dtype=np.float32)
-        digest.update(f"{name}:{score.shape};".encode())
-        digest.update(score.tobytes())
-    return digest.hexdigest()
+class MapsHash:
+    """SHA-256 over the test maps' float32 voxel values by sorted subject name, fed one subject at a
+    time while evaluation streams: the same maps under another name or re-encoded in another file
+    are the same submission."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._last = None
+
+    def add(self, name: str, data: dict, _threshold: float | None = None) -> None:
+        """Hash one subject's map (a :data:`pipeline.evaluate.SubjectVisitor`); names must come sorted."""
+        if self._last is not None and name <= self._last:
+            raise ValueError(f"maps must be hashed in sorted subject order ({name!r} after {self._last!r})")
+        score = np.ascontiguousarray(data["score"], dtype=np.float32)
+        self._digest.update(f"{name}:{score.shape};".encode())
+        self._digest.update(score)
+        self._last = name
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
-def _per_subject(metrics: dict, volumes: dict) -> dict:
+def _per_subject(result: Evaluation) -> dict:
     """Per test subject: AUROC / AUPRC (None where undefined), Dice at the validation threshold."""
+    dice = result.metrics["test"]["per_subject_dice"]
     out = {}
-    for name, vol in volumes.items():
-        scores, tumour = vol["score"][vol["brain"]], vol["tumour"][vol["brain"]]
+    for name, scores, tumour in result.voxels.items():
         n_pos = int(tumour.sum())
-        both = 0 < n_pos < tumour.size
-        px = pixel_metrics(scores, tumour) if both else {}
-        out[name] = {"auroc": px.get("auroc"), "auprc": px.get("auprc"),
-                     "dice": metrics["test"]["per_subject_dice"][name], "tumour_voxels": n_pos}
+        px = pixel_metrics(scores, tumour) if 0 < n_pos < tumour.size else {}
+        out[name] = {"auroc": px.get("auroc"), "auprc": px.get("auprc"), "dice": dice[name], "tumour_voxels": n_pos}
     return out
 
 
@@ -373,17 +386,17 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
         _cell(column, value, run_json)
     _check_provenance(run, run_json, run_dir, record)
 
-    metrics, _, volumes = compute_metrics(record["dataset_dir"], run_dir / "scores", row["method"],
-                                          n_boot=n_boot, seed=seed, progress=False,
-                                          **({"ground_truth_dir": ground_truth_dir} if ground_truth_dir else {}))
-    test = metrics["test"]
+    maps = MapsHash()
+    result = compute_metrics(record["dataset_dir"], run_dir / "scores", row["method"], n_boot=n_boot, seed=seed,
+                             progress=False, ground_truth_dir=ground_truth_dir or None, on_test_subject=maps.add)
+    metrics, test = result.metrics, result.metrics["test"]
     for m in METRICS:
         row[m] = test[m]
         row[f"{m}_ci_low"], row[f"{m}_ci_high"] = test["ci95"][m]
     row.update({column: _field(metrics, dotted, run_dir) for column, dotted in ADDED_COLUMNS.items()})
     row.update(dice_oracle=test["dice_oracle"], test_subjects=test["subjects"], n_boot=n_boot,
-               maps_hash=maps_hash(volumes), submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               subjects=_per_subject(metrics, volumes))
+               maps_hash=maps.hexdigest(), submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               subjects=_per_subject(result))
     return {c: row[c] for c in [*COLUMNS, "subjects"]}
 
 

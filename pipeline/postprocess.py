@@ -1,6 +1,6 @@
 """Residual -> anomaly map: masking, filters, healthy-residual normalisation, small-component removal.
 
-What the strongest published reconstruction pipelines do after the residual (design notes,
+What the strongest published reconstruction pipelines do after the residual (docs/design.md,
 "Scoring"): erode the brain mask, median-filter in 2D and over the volume (Behrendt et al. use a
 3D median of kernel 5), drop connected components of a few voxels, and - offered here as an option
 that none of them ships - normalise the residual by what it looks like on healthy tissue, so the map

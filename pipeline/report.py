@@ -7,6 +7,16 @@ from pathlib import Path
 import numpy as np
 
 ROWS = 4
+"""Example slices in the figure."""
+
+INTENSITY_CMAP = "gray"
+"""MR intensities (input, reconstruction)."""
+SCORE_CMAP = "inferno"
+"""Anomaly scores: a heat scale, so hot spots stand out from the grey anatomy."""
+MASK_CMAP = "gray"
+"""Binary masks (ground truth, prediction): white inside."""
+CHANCE_COLOUR = "grey"
+"""Reference lines: a random score's ROC diagonal and PR baseline."""
 
 
 def _example_slices(scores_dir: Path, index: dict, names: list[str]) -> list[dict]:
@@ -27,49 +37,67 @@ def _example_slices(scores_dir: Path, index: dict, names: list[str]) -> list[dic
     return rows
 
 
-def write_report(path: Path, scores_dir: Path, index: dict, volumes: dict, test, threshold: float,
+def write_report(path: Path, scores_dir: Path, index: dict, tumour_voxels: dict[str, int], test, threshold: float,
                  metrics: dict) -> None:
-    """Write the figure people look at first: does the map light up where the tumour is?"""
+    """Write the figure people look at first: does the map light up where the tumour is?
+
+    ``tumour_voxels`` (per test subject) picks the examples, most tumour first; ``test`` is the
+    pooled test :class:`~pipeline.pooled.ScoreAccumulator` (for the curves).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted(volumes, key=lambda s: -int(volumes[s]["tumour"].sum()))
+    names = sorted(tumour_voxels, key=lambda s: -tumour_voxels[s])
     rows = _example_slices(scores_dir, index, names)
     n = max(1, len(rows))
     fig = plt.figure(figsize=(15, 3 * n + 3.6), constrained_layout=True)
     grid = fig.add_gridspec(n + 1, 5, height_ratios=[3] * n + [3.6])
     vmax = max((float(r["map"].max()) for r in rows), default=1.0) or 1.0
-    titles = ("input (ch 0)", "reconstruction", "anomaly map", "ground truth", f"prediction (> {threshold:.3g})")
     for i, row in enumerate(rows):
-        panels = (row["image"][0], row["recon"][0], row["map"][0], row["tumour"], row["map"][0] > threshold)
-        grey = max(float(row["image"][0].max()), 1e-6)  # input and reconstruction on one grey scale
-        limits = (grey, grey, vmax, 1, 1)
-        for j, (panel, title) in enumerate(zip(panels, titles)):
-            ax = fig.add_subplot(grid[i, j])
-            ax.imshow(np.rot90(panel), cmap="inferno" if j == 2 else "gray",
-                      vmin=0, vmax=limits[j])
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(title if i == 0 else "", fontsize=10)
-            if j == 0:
-                ax.set_ylabel(f"{row['subject']} z={row['z']}", fontsize=9)
-    points = test.curves()
+        _draw_example(fig, grid, i, row, threshold, vmax)
+    _draw_curves(fig, grid, n, test.curves(), metrics)
+    fig.suptitle(f"{metrics.get('method') or 'anomaly maps'}: {metrics['test']['subjects']} test subjects", fontsize=12)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _panels(row: dict, threshold: float, vmax: float) -> list[tuple[str, np.ndarray, str, float]]:
+    """(title, image, colour map, upper limit) of one example row, left to right."""
+    grey = max(float(row["image"][0].max()), 1e-6)  # input and reconstruction on one grey scale
+    return [("input (ch 0)", row["image"][0], INTENSITY_CMAP, grey),
+            ("reconstruction", row["recon"][0], INTENSITY_CMAP, grey),
+            ("anomaly map", row["map"][0], SCORE_CMAP, vmax),
+            ("ground truth", row["tumour"], MASK_CMAP, 1),
+            (f"prediction (> {threshold:.3g})", row["map"][0] > threshold, MASK_CMAP, 1)]
+
+
+def _draw_example(fig, grid, i: int, row: dict, threshold: float, vmax: float) -> None:
+    """Row ``i`` of the figure: one slice as input, reconstruction, map, truth and prediction."""
+    for j, (title, panel, cmap, upper) in enumerate(_panels(row, threshold, vmax)):
+        ax = fig.add_subplot(grid[i, j])
+        ax.imshow(np.rot90(panel), cmap=cmap, vmin=0, vmax=upper)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(title if i == 0 else "", fontsize=10)
+        if j == 0:
+            ax.set_ylabel(f"{row['subject']} z={row['z']}", fontsize=9)
+
+
+def _draw_curves(fig, grid, n: int, points: dict, metrics: dict) -> None:
+    """Bottom row: ROC and PR curves of the pooled test voxels, and the numbers."""
     t = metrics["test"]
     ax = fig.add_subplot(grid[n, 0:2])
     ax.plot(points["fpr"], points["tpr"])
-    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.plot([0, 1], [0, 1], ":", color=CHANCE_COLOUR)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC (AUROC {t['auroc']:.3f})")
     ax = fig.add_subplot(grid[n, 2:4])
     ax.plot(points["recall"], points["precision"])
-    ax.axhline(t["tumour_voxels"] / t["brain_voxels"], ls=":", color="grey")
+    ax.axhline(t["tumour_voxels"] / t["brain_voxels"], ls=":", color=CHANCE_COLOUR)
     ax.set(xlabel="recall", ylabel="precision", title=f"PR (AUPRC {t['auprc']:.3f})")
     ax = fig.add_subplot(grid[n, 4])
     ax.axis("off")
     ax.text(0, 1, _summary_text(metrics), va="top", family="monospace", fontsize=9)
-    fig.suptitle(f"{metrics.get('method') or 'anomaly maps'}: {t['subjects']} test subjects", fontsize=12)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def _summary_text(metrics: dict) -> str:

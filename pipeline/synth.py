@@ -3,7 +3,7 @@
 The default dataset has to work offline, so anatomy comes from the ICBM152 2009 template that ships
 inside nilearn's wheel. Each subject is that template warped by a random affine and a smooth elastic
 field; tumours grow by Fisher-Kolmogorov reaction-diffusion from a white-matter seed; intensities
-follow the contrast table of the design notes (``CONTRAST``) with contrast jitter, a bias field and
+follow the contrast table of docs/design.md (``CONTRAST``) with contrast jitter, a bias field and
 Rician noise. A subject depends only on ``(seed, index, spacing)``, so a dataset is byte-identical
 however its subjects are spread over worker processes.
 """
@@ -35,7 +35,7 @@ TASK = "Task01_BrainTumour"
 MODALITIES = ("FLAIR", "T1w", "t1gd", "T2w")
 LABELS = ("background", "edema", "non-enhancing tumor", "enhancing tumour")
 
-# Relative mean intensity per tissue, channels (FLAIR, T1w, T1gd, T2w): the design-notes table.
+# Relative mean intensity per tissue, channels (FLAIR, T1w, T1gd, T2w): the table in docs/design.md.
 CONTRAST = {
     "CSF": (0.12, 0.22, 0.25, 1.00),
     "grey matter": (0.62, 0.62, 0.64, 0.62),

@@ -117,6 +117,25 @@ def test_subject_level_figures_match_a_direct_computation(baseline_run, synth_ro
     assert metrics["false_positive_ml_healthy"] == pytest.approx(np.mean(list(expected.values())))
 
 
+def test_test_subjects_stream_one_at_a_time_through_the_visitor(baseline_run, synth_root):
+    """Each test subject reaches the visitor once, in name order, with the validation threshold; what
+    the result keeps per subject matches its volumes."""
+    seen = []
+
+    def visit(name, data, threshold):
+        seen.append((name, threshold, int(data["tumour"].sum()), int(data["brain"].sum())))
+
+    result = compute_metrics(synth_root, baseline_run / "scores", n_boot=10, progress=False, on_test_subject=visit)
+    split = json.loads((baseline_run / "split.json").read_text())
+    threshold = result.metrics["test"]["dice_threshold_from_validation"]
+    assert [s[0] for s in seen] == sorted(split["test"]) == list(result.subjects) == list(result.voxels.subjects)
+    for name, t, tumour, brain in seen:
+        assert t == threshold and result.subjects[name].tumour_voxels == tumour
+        assert result.voxels.subject(name)[0].size == brain
+    direct = read_test_subject(baseline_run, synth_root, seen[0][0])
+    assert result.subjects[seen[0][0]].score == np.percentile(direct["score"][direct["brain"]].astype(np.float64), 99)
+
+
 RECON = {"healthy_residual_sum": 2.0, "healthy_voxels": 20, "tumour_residual_sum": 3.0, "tumour_voxels": 10,
          "psnr_sum": 90.0, "ssim_sum": 2.4, "healthy_slices": 3}
 
@@ -131,7 +150,7 @@ def test_reconstruction_figures_come_from_the_index_and_reach_the_summary(baseli
         row["recon"] = dict(RECON)
     del index["subjects"][sorted(s for s, r in index["subjects"].items() if r["section"] == "test")[0]]["recon"]
     write_json(scores / "index.json", index)
-    metrics, _, _ = compute_metrics(synth_root, scores, n_boot=10, progress=False)
+    metrics = compute_metrics(synth_root, scores, n_boot=10, progress=False).metrics
     val = metrics["validation"]["reconstruction"]
     n = metrics["validation"]["subjects"]
     assert val["healthy_residual"] == pytest.approx(0.1) and val["tumour_residual"] == pytest.approx(0.3)

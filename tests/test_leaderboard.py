@@ -9,6 +9,7 @@ record), and the run.json of the benchmark runner.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import multiprocessing
 import os
@@ -72,6 +73,15 @@ def make_run(run_dir: Path, dataset_dir: Path, split: dict, protocol: dict, scor
     record.update(run_fields)
     write_json(run_dir / "run.json", record)
     return run_dir
+
+
+def direct_maps_hash(run: Path, test: list[str]) -> str:
+    """SHA-256 over the test maps' float32 voxel values (C order) by sorted subject name, from the files."""
+    digest = hashlib.sha256()
+    for name in sorted(test):
+        score = np.asarray(nib.load(run / "scores" / "test" / f"{name}_score.nii.gz").dataobj, dtype=np.float32)
+        digest.update(f"{name}:{score.shape};".encode() + np.ascontiguousarray(score).tobytes())
+    return digest.hexdigest()
 
 
 def usable_split(synth_root) -> dict:
@@ -145,7 +155,7 @@ def test_submission_recomputes_numbers_and_ignores_tampered_metrics(bench, tmp_p
     csv_path = tmp_path / "lb.csv"
     run = bench["runs"]["good"]
     row = submit(run, csv_path, bench["binding"], n_boot=N_BOOT)
-    expected, _, _ = compute_metrics(bench["protocol"]["dataset_dir"], run / "scores", n_boot=N_BOOT, progress=False)
+    expected = compute_metrics(bench["protocol"]["dataset_dir"], run / "scores", n_boot=N_BOOT, progress=False).metrics
     for m in ("auroc", "auprc", "dice"):
         assert row[m] == expected["test"][m] != 0.999
         assert [row[f"{m}_ci_low"], row[f"{m}_ci_high"]] == expected["test"]["ci95"][m]
@@ -155,6 +165,7 @@ def test_submission_recomputes_numbers_and_ignores_tampered_metrics(bench, tmp_p
     recon = (row["healthy_residual"], row["residual_ratio"], row["psnr"], row["ssim"])
     assert recon == pytest.approx((0.1, 3.0, 25, 0.75))  # recon_record, pooled over the validation subjects
     assert row["protocol_hash"] == bench["protocol"]["hash"] and row["run_dir"] == str(run.resolve())
+    assert row["maps_hash"] == direct_maps_hash(run, bench["split"]["test"])
     assert set(row["subjects"]) == set(bench["split"]["test"])
     for name, values in row["subjects"].items():
         assert (values["auprc"] is None) == (name not in bench["tumour"])

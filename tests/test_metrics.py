@@ -1,5 +1,5 @@
 """Evaluation metrics: exact agreement with scikit-learn (ties included), Dice sweeps, slice scores,
-patient-level bootstrap and the paired comparison."""
+the pooled accumulator and its patient-level bootstrap against a naive one."""
 
 from __future__ import annotations
 
@@ -8,22 +8,24 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.errors import InputError
-from pipeline.metrics import (
-    ScoreAccumulator,
-    auprc,
-    auroc,
-    best_dice,
-    bootstrap_ci,
-    choose_threshold,
-    dice_at_threshold,
-    paired_bootstrap,
-    paired_bootstrap_pvalue,
-    per_subject_dice,
-    pixel_metrics,
-    roc_pr_curves,
-    slice_labels,
-    slice_scores,
-)
+from pipeline.metrics import auprc, auroc, best_dice, pixel_metrics, roc_pr_curves, slice_labels, slice_scores
+from pipeline.pooled import ScoreAccumulator
+
+
+def direct_dice(scores, labels, threshold) -> float:
+    """Reference: Dice ``2TP / (2TP + FP + FN)`` of ``scores > threshold``; 1.0 when both masks are empty."""
+    pred = np.asarray(scores) > threshold
+    denom = pred.sum() + np.sum(labels)
+    return 2 * np.sum(pred & labels) / denom if denom else 1.0
+
+
+def naive_bootstrap(stat, n_subjects: int, n_boot: int, seed: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Reference patient-level bootstrap: ``stat(indices)`` recomputed on every resample of subjects
+    (the same draw as the accumulator's), then the percentile interval."""
+    idx = np.random.default_rng(seed).integers(0, n_subjects, size=(n_boot, n_subjects))
+    values = np.array([stat(row) for row in idx])
+    low, high = np.quantile(values[~np.isnan(values)], [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
 
 
 def random_case(rng: np.random.Generator, n: int, ties: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +70,7 @@ def test_chunked_scan_with_ties_across_chunk_edges(monkeypatch):
     assert auprc(scores, labels) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     brute = max(2 * np.sum((scores >= v) & labels) / (np.sum(scores >= v) + labels.sum()) for v in np.unique(scores))
     value, threshold = best_dice(scores, labels)
-    assert value == pytest.approx(brute) and dice_at_threshold(scores, labels, threshold) == pytest.approx(value)
+    assert value == pytest.approx(brute) and direct_dice(scores, labels, threshold) == pytest.approx(value)
 
 
 def test_labels_as_integers_and_other_shapes():
@@ -101,15 +103,18 @@ def test_bad_inputs():
     assert auprc(good, np.ones(10, bool)) == pytest.approx(1.0)  # as scikit-learn
 
 
-def test_dice_at_threshold_matches_direct_computation():
+def test_accumulator_dice_matches_direct_computation(monkeypatch):
+    import pipeline.metrics as metrics
+
+    monkeypatch.setattr(metrics, "CHUNK", 64)  # counts are taken chunk by chunk
     rng = np.random.default_rng(5)
     scores, labels = random_case(rng, 3000, "two_decimals")
+    acc = accumulate([("a", scores[:1700], labels[:1700]), ("b", scores[1700:], labels[1700:])])
     for t in (-1.0, 0.0, 0.37, 1.5, 10.0):
-        pred = scores > t
-        denom = pred.sum() + labels.sum()
-        direct = 2 * np.sum(pred & labels) / denom if denom else 1.0
-        assert dice_at_threshold(scores, labels, t) == pytest.approx(direct, abs=1e-15)
-    assert dice_at_threshold(np.zeros(5), np.zeros(5, bool), 1.0) == 1.0  # both empty
+        assert acc.dice(t) == pytest.approx(direct_dice(scores, labels, t), abs=1e-15)
+        assert acc.per_subject_dice(t)["b"] == pytest.approx(direct_dice(scores[1700:], labels[1700:], t), abs=1e-15)
+        assert acc.flagged_voxels(t) == {"a": np.sum(scores[:1700] > t), "b": np.sum(scores[1700:] > t)}
+    assert accumulate([("a", np.zeros(5), np.zeros(5, bool))]).dice(1.0) == 1.0  # both masks empty
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -121,8 +126,7 @@ def test_best_dice_equals_brute_force(seed):
                 for v in np.unique(scores))
     value, threshold = best_dice(scores, labels)
     assert value == pytest.approx(brute, abs=1e-12)
-    assert dice_at_threshold(scores, labels, threshold) == pytest.approx(value, abs=1e-12)
-    assert choose_threshold(scores, labels) == threshold
+    assert direct_dice(scores, labels, threshold) == pytest.approx(value, abs=1e-12)
 
 
 def test_best_dice_edges():
@@ -190,18 +194,20 @@ def test_accumulator_pooled_metrics_and_per_subject_dice():
     assert summary["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert summary["auprc"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     assert (summary["best_dice"], summary["best_threshold"]) == best_dice(scores, labels)
-    assert summary["dice"] == pytest.approx(dice_at_threshold(scores, labels, 1.0))
-    assert choose_threshold(acc) == summary["best_threshold"]
-    per = per_subject_dice(acc, 1.0)
+    assert summary["dice"] == pytest.approx(direct_dice(scores, labels, 1.0))
+    assert acc.best_dice() == (summary["best_dice"], summary["best_threshold"])
+    per = acc.per_subject_dice(1.0)
     assert tuple(per) == acc.subjects
-    assert per["s002"] == pytest.approx(dice_at_threshold(subjects[2][1], subjects[2][2], 1.0))
-    assert per["s003"] == dice_at_threshold(subjects[3][1], subjects[3][2], 1.0)  # healthy subject
+    assert per["s002"] == pytest.approx(direct_dice(subjects[2][1], subjects[2][2], 1.0))
+    assert per["s003"] == direct_dice(subjects[3][1], subjects[3][2], 1.0)  # healthy subject
+    curves, expected = acc.curves(max_points=50), roc_pr_curves(scores, labels, max_points=50)
+    assert all(np.array_equal(curves[k], expected[k]) for k in expected)
     with pytest.raises(InputError, match="twice"):
         acc.add("s000", subjects[0][1], subjects[0][2])
 
 
 def test_binned_metrics_are_close_to_exact():
-    from pipeline.metrics import _binned_auprc, _binned_auroc
+    from pipeline.pooled import _binned_auprc, _binned_auroc
 
     acc = accumulate(make_subjects(12, seed=2))
     hist = acc.histograms()
@@ -212,7 +218,7 @@ def test_binned_metrics_are_close_to_exact():
 
 def test_bootstrap_contains_estimate_is_deterministic_and_narrows():
     small, large = accumulate(make_subjects(8, seed=4)), accumulate(make_subjects(48, seed=4))
-    threshold = choose_threshold(small)
+    threshold = small.best_dice()[1]
     ci = small.bootstrap(threshold=threshold, n_boot=300, seed=3)
     assert ci == small.bootstrap(threshold=threshold, n_boot=300, seed=3)
     assert ci != small.bootstrap(threshold=threshold, n_boot=300, seed=4)
@@ -226,25 +232,34 @@ def test_bootstrap_contains_estimate_is_deterministic_and_narrows():
         small.bootstrap(["dice"])
 
 
-def test_bootstrap_ci_values_and_callable():
-    values = np.random.default_rng(0).normal(0.6, 0.1, 30)
-    low, high = bootstrap_ci(values, n_boot=500, seed=1)
-    assert low < values.mean() < high and bootstrap_ci(values, n_boot=500, seed=1) == (low, high)
-    same = bootstrap_ci(lambda idx: values[idx].mean(), n_boot=500, seed=1, n_subjects=values.size)
-    assert same == pytest.approx((low, high))
-    with pytest.raises(InputError):
-        bootstrap_ci(lambda idx: 0.0, n_boot=10)
+def test_bootstrap_equals_a_naive_patient_bootstrap():
+    """Dice replicates are exact; AUROC / AUPRC replicates come from binned scores, so close."""
+    subjects = make_subjects(12, seed=8)
+    acc = accumulate(subjects)
+    threshold = acc.best_dice()[1]
+    ci = acc.bootstrap(threshold=threshold, n_boot=200, seed=5)
+
+    def pooled(idx):
+        return (np.concatenate([subjects[i][1] for i in idx]), np.concatenate([subjects[i][2] for i in idx]))
+
+    assert ci["dice"] == pytest.approx(naive_bootstrap(lambda idx: direct_dice(*pooled(idx), threshold),
+                                                       len(subjects), 200, seed=5), abs=1e-12)
+    for name, fn in (("auroc", roc_auc_score), ("auprc", average_precision_score)):
+        expected = naive_bootstrap(lambda idx: fn(*pooled(idx)[::-1]), len(subjects), 200, seed=5)
+        assert ci[name] == pytest.approx(expected, abs=5e-3)
+    with pytest.raises(InputError, match="n_boot"):
+        acc.bootstrap(["auroc"], n_boot=0)
 
 
-def test_paired_bootstrap():
-    subjects = make_subjects(16, seed=6)
-    good = accumulate(subjects)
-    same = accumulate(reversed(subjects))  # same data, other subject order
-    noise = np.random.default_rng(7)
-    worse = accumulate([(n, s + noise.normal(0, 3, s.size).astype(np.float32), lab) for n, s, lab in subjects])
-    assert paired_bootstrap_pvalue(good, same, "auroc", n_boot=200) == 1.0
-    result = paired_bootstrap(good, worse, "auroc", n_boot=200, seed=1)
-    assert result.difference > 0.1 and result.low > 0 and result.p_value < 0.02
-    assert paired_bootstrap_pvalue(good, worse, "dice", n_boot=200, thresholds=(1.0, 2.0)) < 0.02
-    with pytest.raises(InputError, match="same"):
-        paired_bootstrap_pvalue(good, accumulate(subjects[:-1]), "auroc", n_boot=10)
+def test_accumulator_hands_out_what_it_holds_read_only():
+    subjects = make_subjects(3, seed=9)
+    acc = accumulate([(name, scores.astype(np.float64), labels.astype(np.uint8)) for name, scores, labels in subjects])
+    assert [name for name, _, _ in acc.items()] == [name for name, _, _ in subjects]
+    for (name, scores, labels), (_, held_scores, held_labels) in zip(subjects, acc.items()):
+        assert held_scores.dtype == np.float32 and np.array_equal(held_scores, scores)
+        assert held_labels.dtype == bool and np.array_equal(held_labels, labels)
+        assert acc.subject(name)[0] is held_scores
+        with pytest.raises(ValueError, match="read-only"):
+            held_scores[0] = 1.0
+    with pytest.raises(InputError, match="not added"):
+        acc.subject("nobody")
