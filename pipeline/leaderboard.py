@@ -42,7 +42,6 @@ comparison), the ranking on pooled values; both are reported.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import html
@@ -59,9 +58,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from filelock import FileLock, Timeout
 
 from .atomic import atomic_path, write_json
+from .registry import bound_protocol, check_provenance, field, locked, read_json, registry_path
 from .errors import InputError
 from .metrics import METRICS, pixel_metrics
 
@@ -72,6 +71,7 @@ COLUMNS = [
     "row_id",  # 32 hex digits; names the per-subject sidecar
     "method", "protocol_id", "protocol_hash", "dataset_fingerprint", "split_fingerprint",
     "config_hash", "maps_hash", "seed", "code_version",
+    "supervision",  # what labels the method learnt from: "unsupervised" or "weak slice labels"
     "auroc", "auroc_ci_low", "auroc_ci_high",  # pooled test brain voxels, patient-level 95 % bootstrap CI
     "auprc", "auprc_ci_low", "auprc_ci_high",
     "dice", "dice_ci_low", "dice_ci_high",  # threshold chosen on validation subjects (the honest number)
@@ -93,12 +93,15 @@ ADDED_COLUMNS = {"subject_auroc": "test.subject_auroc", "fp_ml_healthy": "test.f
 """Columns added after the first CSVs were written (-> their place in metrics.json). A CSV without
 them still reads (empty cells) and gains them, empty for the old rows, on its next append."""
 
-LATER_COLUMNS = frozenset({*ADDED_COLUMNS, "maps_hash"})
+LATER_COLUMNS = frozenset({*ADDED_COLUMNS, "maps_hash", "supervision"})
 """Columns a CSV from an earlier version may lack (read as empty)."""
 
 NUMERIC_COLUMNS = frozenset({"seed", "test_subjects", "n_boot", "train_seconds", "inference_seconds",
                              "dice_oracle", *ADDED_COLUMNS}
                             | {f"{m}{s}" for m in METRICS for s in ("", "_ci_low", "_ci_high")})
+
+SUPERVISION = ("unsupervised", "weak slice labels")
+"""What a method may have learnt from; weakly supervised entries are marked, never ranked as unsupervised."""
 
 METHOD_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,79}")
 """Method names: a letter or digit, then up to 79 of letters, digits, ``. _ + -`` (no paths, no spaces)."""
@@ -111,26 +114,6 @@ DUPLICATE_KEY = ("method", "protocol_hash", "dataset_fingerprint", "split_finger
                  "code_version")
 """A second row equal on all of these is the same run submitted again, and is refused."""
 ALPHA = 0.05
-LOCK_TIMEOUT_S = 300
-
-
-# ----------------------------------------------------------------------------- fingerprints
-
-
-def _sha256(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
-def split_fingerprint(split: dict) -> str:
-    """sha256 of the canonical JSON of the sorted train / validation / test subject lists."""
-    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "validation", "test")):
-        raise InputError("split", "needs lists 'train', 'validation' and 'test'")
-    return _sha256({k: sorted(split[k]) for k in ("train", "validation", "test")})
-
-
-def protocol_hash(protocol_content: dict) -> str:
-    """sha256 of the protocol file's content as canonical JSON (sorted keys, compact; dates etc. as str)."""
-    return _sha256(protocol_content)
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -187,24 +170,6 @@ def _serialise(row: dict) -> list[str]:
 # ----------------------------------------------------------------------------- building a row
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise InputError(path, f"{what} not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(path, f"malformed JSON ({err})") from None
-
-
-def _field(record: dict, dotted: str, source: Path):
-    value = record
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            raise InputError(source, f"missing {dotted!r}")
-        value = value[key]
-    return value
-
-
 def _check_run_dir(run_dir) -> Path:
     _check_text("run_dir", str(run_dir), "run_dir")
     path = Path(run_dir).resolve()
@@ -215,113 +180,6 @@ def _check_run_dir(run_dir) -> Path:
     if not scores.is_relative_to(path):
         raise InputError(path / "scores", f"scores folder leaves the run folder (-> {scores})")
     return path
-
-
-# ----------------------------------------------------------------------------- protocol registry
-
-
-def registry_path(csv_path) -> Path:
-    """``<name>.protocols.json`` beside the CSV: the protocols this leaderboard is bound to."""
-    csv_path = Path(csv_path)
-    return csv_path.with_name(csv_path.stem + ".protocols.json")
-
-
-def read_registry(csv_path) -> dict:
-    """{protocol id: record} (empty for a leaderboard that has none yet)."""
-    path = registry_path(csv_path)
-    if not path.exists():
-        return {}
-    registry = _read_json(path, "protocol registry")
-    if not isinstance(registry, dict) or not all(isinstance(r, dict) and "hash" in r for r in registry.values()):
-        raise InputError(path, "not a protocol registry (expected {protocol id: record})")
-    return registry
-
-
-def protocol_record(binding: dict) -> dict:
-    """What a leaderboard records for a protocol. ``binding``: ``{"id", "hash", "content",
-    "dataset_dir", "split"}`` from the protocol file itself (see
-    :func:`pipeline.benchmark.protocol_for_submission`); the data are fingerprinted now."""
-    from .data import dataset_fingerprint
-
-    missing = [k for k in ("id", "hash", "content", "dataset_dir", "split") if k not in binding]
-    if missing:
-        raise InputError("protocol", f"missing {', '.join(missing)}")
-    _check_text("protocol_id", binding["id"], "protocol")
-    split = {k: sorted(binding["split"][k]) for k in ("train", "validation", "test")}
-    return {"id": binding["id"], "hash": binding["hash"], "content": binding["content"],
-            "dataset_dir": str(Path(binding["dataset_dir"]).resolve()),
-            "dataset_fingerprint": dataset_fingerprint(binding["dataset_dir"]),
-            "split": split, "split_fingerprint": split_fingerprint(split),
-            "registered_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def _same_binding(old: dict, new: dict) -> bool:
-    return all(old[k] == new[k] for k in ("hash", "dataset_fingerprint", "split_fingerprint"))
-
-
-def register_protocol(csv_path, binding: dict) -> dict:
-    """Bind the leaderboard to a protocol (``pipeline leaderboard init``); returns the record.
-
-    Registering the same protocol, data and split again is a no-op; another hash, data or split
-    under a registered id is refused (a new protocol needs a new id)."""
-    record = protocol_record(binding)
-    path = registry_path(csv_path)
-    with _locked(csv_path):
-        registry = read_registry(csv_path)
-        old = registry.get(record["id"])
-        if old is not None:
-            if not _same_binding(old, record):
-                raise InputError(path, f"protocol id {record['id']!r} is registered with protocol hash "
-                                       f"{old['hash'][:12]}, dataset {old['dataset_fingerprint']} and split "
-                                       f"{old['split_fingerprint'][:12]}; this protocol differs (give it a new id)")
-            return old
-        write_json(path, {**registry, record["id"]: record})
-    return record
-
-
-def bound_protocol(csv_path, protocol_id: str, binding: dict | None = None) -> dict:
-    """The registered record of ``protocol_id``; the first submission under an id registers
-    ``binding`` (the protocol file the submitter named), later ones are checked against it."""
-    record = read_registry(csv_path).get(protocol_id)
-    if record is None:
-        if binding is None:
-            raise InputError(registry_path(csv_path), f"protocol {protocol_id!r} is not registered on this "
-                                                      "leaderboard; pass --protocol FILE or run "
-                                                      "`pipeline leaderboard init --protocol FILE`")
-        return register_protocol(csv_path, binding)
-    if binding is not None and binding["hash"] != record["hash"]:
-        raise InputError(registry_path(csv_path), f"protocol {protocol_id!r} is registered with hash "
-                                                  f"{record['hash'][:12]}, the given protocol file hashes to "
-                                                  f"{binding['hash'][:12]}")
-    return record
-
-
-def _check_provenance(run: dict, run_json: Path, run_dir: Path, record: dict) -> None:
-    """Refuse a run made under another protocol, on other data, another split or other subjects."""
-    from .data import dataset_fingerprint
-    from .evaluate import checked_index
-
-    for key in ("id", "hash"):
-        if _field(run, f"protocol.{key}", run_json) != record[key]:
-            raise InputError(run_json, f"protocol {key} {run['protocol'][key]!r} differs from the registered "
-                                       f"protocol's {record[key]!r}; rerun under this protocol")
-    current = dataset_fingerprint(record["dataset_dir"])
-    if current != record["dataset_fingerprint"]:
-        raise InputError(record["dataset_dir"], f"dataset content changed since protocol {record['id']!r} was "
-                                                f"registered (fingerprint {current} != {record['dataset_fingerprint']})")
-    if _field(run, "dataset.fingerprint", run_json) != current:
-        raise InputError(run_json, f"dataset fingerprint {run['dataset']['fingerprint']!r} differs from "
-                                   f"{current!r} of {record['dataset_dir']} (other or changed data)")
-    if _field(run, "split.fingerprint", run_json) != record["split_fingerprint"]:
-        raise InputError(run_json, f"split fingerprint differs from the split registered for {record['id']!r} "
-                                   "(other patients)")
-    subjects = checked_index(run_dir / "scores")["subjects"]
-    for section in ("validation", "test"):
-        scored = {s for s, item in subjects.items() if item["section"] == section}
-        if scored != set(record["split"][section]):
-            raise InputError(run_dir / "scores" / "index.json",
-                             f"{section} subjects scored ({len(scored)}) are not exactly the registered split's "
-                             f"{len(record['split'][section])} {section} subjects")
 
 
 class MapsHash:
@@ -368,32 +226,35 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
 
     run_dir = _check_run_dir(run_dir)
     run_json = run_dir / "run.json"
-    run = _read_json(run_json, "run record")
+    run = read_json(run_json, "run record")
     row = {"row_id": uuid.uuid4().hex,
-           "method": check_method_name(_field(run, "method", run_json), run_json),
-           "protocol_id": _field(run, "protocol.id", run_json),
-           "protocol_hash": _field(run, "protocol.hash", run_json),
-           "dataset_fingerprint": _field(run, "dataset.fingerprint", run_json),
-           "split_fingerprint": _field(run, "split.fingerprint", run_json),
-           "config_hash": _field(run, "config_hash", run_json), "seed": _field(run, "seed", run_json),
-           "code_version": _field(run, "code_version", run_json), "hardware": run.get("hardware"),
+           "method": check_method_name(field(run, "method", run_json), run_json),
+           "protocol_id": field(run, "protocol.id", run_json),
+           "protocol_hash": field(run, "protocol.hash", run_json),
+           "dataset_fingerprint": field(run, "dataset.fingerprint", run_json),
+           "split_fingerprint": field(run, "split.fingerprint", run_json),
+           "config_hash": field(run, "config_hash", run_json), "seed": field(run, "seed", run_json),
+           "code_version": field(run, "code_version", run_json), "hardware": run.get("hardware"),
            "train_seconds": (run.get("timings") or {}).get("train_seconds"),
            "inference_seconds": (run.get("timings") or {}).get("inference_seconds"),
-           "run_dir": str(run_dir)}
+           "run_dir": str(run_dir), "supervision": field(run, "supervision", run_json)}
+    if row["supervision"] not in SUPERVISION:
+        raise InputError(run_json, f"supervision {row['supervision']!r} is not one of {', '.join(SUPERVISION)}")
     if isinstance(row["seed"], bool) or not isinstance(row["seed"], numbers.Integral):
         raise InputError(run_json, f"seed must be an integer, got {row['seed']!r}")
     for column, value in row.items():  # fail before the expensive part
         _cell(column, value, run_json)
-    _check_provenance(run, run_json, run_dir, record)
+    check_provenance(run, run_json, run_dir, record)
 
     maps = MapsHash()
     result = compute_metrics(record["dataset_dir"], run_dir / "scores", row["method"], n_boot=n_boot, seed=seed,
                              progress=False, ground_truth_dir=ground_truth_dir or None, on_test_subject=maps.add)
     metrics, test = result.metrics, result.metrics["test"]
+
     for m in METRICS:
         row[m] = test[m]
         row[f"{m}_ci_low"], row[f"{m}_ci_high"] = test["ci95"][m]
-    row.update({column: _field(metrics, dotted, run_dir) for column, dotted in ADDED_COLUMNS.items()})
+    row.update({column: field(metrics, dotted, run_dir) for column, dotted in ADDED_COLUMNS.items()})
     row.update(dice_oracle=test["dice_oracle"], test_subjects=test["subjects"], n_boot=n_boot,
                maps_hash=maps.hexdigest(), submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                subjects=_per_subject(result))
@@ -429,18 +290,6 @@ def _read_rows(csv_path: Path) -> list[list[str]]:
     return [["" if i is None else r[i] for i in positions] for r in rows[1:]]
 
 
-@contextlib.contextmanager
-def _locked(csv_path):
-    """The leaderboard's write lock (CSV, sidecars and protocol registry share it)."""
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with FileLock(str(csv_path) + ".lock", timeout=LOCK_TIMEOUT_S):
-            yield
-    except Timeout:
-        raise InputError(csv_path, f"still locked by another submitter after {LOCK_TIMEOUT_S} s") from None
-
-
 def _remove_dead_writers_files(csv_path: Path, rows: list[list[str]]) -> None:
     """Under the lock: temporary files of killed writers, and sidecars whose row never landed."""
     for tmp in csv_path.parent.glob(f".{csv_path.name}.*.tmp.csv"):
@@ -473,7 +322,7 @@ def append_row(csv_path, row: dict) -> None:
     and against a writer killed at any instant (see module doc)."""
     csv_path = Path(csv_path)
     cells = _serialise(row)
-    with _locked(csv_path):
+    with locked(csv_path):
         rows = _read_rows(csv_path)
         _remove_dead_writers_files(csv_path, rows)
         _refuse_duplicates(csv_path, rows, cells, row)
@@ -492,7 +341,7 @@ def submit(run_dir, csv_path, protocol: dict | None = None, n_boot: int = 1000, 
     under its protocol id (``protocol``, a binding from the protocol file, registers it the first
     time and must agree with the record later); append it; returns the row."""
     run_json = _check_run_dir(run_dir) / "run.json"
-    protocol_id = _field(_read_json(run_json, "run record"), "protocol.id", run_json)
+    protocol_id = field(read_json(run_json, "run record"), "protocol.id", run_json)
     record = bound_protocol(csv_path, protocol_id, protocol)
     row = submission_row(run_dir, record, n_boot=n_boot, seed=seed, ground_truth_dir=ground_truth_dir)
     append_row(csv_path, row)
@@ -601,6 +450,7 @@ def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     rows = [r for _, r in table.iterrows()]
     return pd.DataFrame({
         "rank": table["rank"].astype(str), "method": table["method"],
+        "supervision": table["supervision"].map(lambda v: v or SUPERVISION[0]),
         "test n": table["test_subjects"].map(lambda n: "" if pd.isna(n) else str(int(n))),
         f"{metric} [95% CI]": [f"{num(r[metric])} [{num(r[metric + '_ci_low'])}, {num(r[metric + '_ci_high'])}]"
                                for r in rows],

@@ -26,9 +26,9 @@ from pipeline.atomic import write_json
 from pipeline.data import dataset_fingerprint, load_subjects, make_split
 from pipeline.errors import InputError
 from pipeline.evaluate import compute_metrics
-from pipeline.leaderboard import (ADDED_COLUMNS, COLUMNS, append_row, check_method_name, protocol_hash,
-                                  protocol_record, ranked_table, read_leaderboard, show, split_fingerprint,
-                                  submission_row, submit)
+from pipeline.leaderboard import (ADDED_COLUMNS, COLUMNS, append_row, check_method_name, ranked_table,
+                                  read_leaderboard, show, submission_row, submit)
+from pipeline.registry import protocol_hash, protocol_record, split_fingerprint
 
 N_BOOT = 50
 PROTOCOL_CONTENT = {"id": "synthetic-test-v1", "dataset": "synthetic", "methods": ["good", "bad"], "seeds": [0]}
@@ -64,7 +64,7 @@ def make_run(run_dir: Path, dataset_dir: Path, split: dict, protocol: dict, scor
                               "files": {"score": f"{section}/{name}_score.nii.gz"}}
     write_json(run_dir / "scores" / "index.json", {"format": 1, "settings": {"sampler": "fake"}, "subjects": subjects})
     write_json(run_dir / "evaluation" / "metrics.json", {"test": {"auroc": 0.999, "auprc": 0.999, "dice": 0.999}})
-    record = {"method": method, "entry": {"kind": "fake"},
+    record = {"method": method, "entry": {"kind": "fake"}, "supervision": "unsupervised",
               "protocol": {"id": protocol["id"], "hash": protocol["hash"]},
               "dataset": {"dir": str(dataset_dir), "fingerprint": dataset_fingerprint(dataset_dir)},
               "split": {"file": "split.json", "fingerprint": split_fingerprint(split)},
@@ -404,9 +404,9 @@ def test_show_gives_markdown_and_html(board, tmp_path):
     html_path = tmp_path / "out" / "board.html"
     text = show(board, protocol_id="p1", metric="auroc", html_path=html_path)
     lines = text.splitlines()
-    assert lines[0].startswith("| rank | method | test n | auroc [95% CI] |") and "differs from top (p<0.05)" in lines[0]
+    assert lines[0].startswith("| rank | method | supervision | test n | auroc [95% CI] |") and "differs from top (p<0.05)" in lines[0]
     assert set(lines[1]) <= set("|-") and len(lines) == 2 + 4
-    assert lines[2].startswith("| 1 | top | 10 | 0.750 [0.650, 0.850] |") and "| top |" in lines[2]
+    assert lines[2].startswith("| 1 | top | unsupervised | 10 | 0.750 [0.650, 0.850] |") and "| top |" in lines[2]
     assert "yes (p=" in lines[-1] and "| worse |" in lines[-1]
     page = html_path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<table" in page and "worse" in page

@@ -27,8 +27,8 @@ from test_leaderboard import N_BOOT, fake_row, good_map, make_run, usable_split
 from pipeline.atomic import write_json
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.leaderboard import (append_row, protocol_hash, protocol_record, read_leaderboard, registry_path, show,
-                                  submit)
+from pipeline.leaderboard import append_row, read_leaderboard, show, submit
+from pipeline.registry import protocol_hash, protocol_record, registry_path
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +260,18 @@ def test_kill_9_during_appends_leaves_a_clean_leaderboard(tmp_path):
     with_subjects = set(rows.loc[rows["method"] != "base", "row_id"])
     assert sidecars == with_subjects and len(rows) > 51  # no orphan, none missing; the killed writers did append
     assert all(len(uuid.UUID(r).hex) == 32 for r in rows["row_id"])
+
+
+def test_supervision_reaches_the_csv_and_the_table_and_a_missing_one_is_refused(official, tmp_path):
+    board = tmp_path / "lb.csv"
+    weak = copy_run(official, tmp_path, "weak")
+    edit_json(weak / "run.json", lambda r: r.update(method="weak", supervision="weak slice labels"))
+    submit(weak, board, official["binding"], n_boot=N_BOOT)
+    assert read_leaderboard(board)["supervision"].tolist() == ["weak slice labels"]
+    assert "| weak | weak slice labels |" in show(board)
+    for bad in (None, "supervised"):
+        run = copy_run(official, tmp_path, f"bad-{bad}")
+        edit_json(run / "run.json", lambda r, bad=bad: r.pop("supervision") if bad is None else r.update(supervision=bad))
+        with pytest.raises(InputError, match="supervision") as err:
+            submit(run, board, official["binding"], n_boot=N_BOOT)
+        assert err.value.source.endswith("run.json")
