@@ -60,7 +60,7 @@ def main() -> None:
     model = load_model(get("network"), get("model_path"))
     scheduler, noise, device = get("scheduler"), get("noise_generator"), get("device")
     items = {item["subject"]: item for item in load_subjects(protocol["dataset"]["dir"]).data}
-    sick = [s for s in get("prepared").split["validation"] if (np.asarray(nib.load(items[s]["label"]).dataobj) > 0).any()]
+    sick = [s for s in get("split")["validation"] if (np.asarray(nib.load(items[s]["label"]).dataobj) > 0).any()]
     subjects = [items[s] for s in sick[: args.subjects]]
     transform = preprocess_transforms(preprocess)
     t = base.levels[0]

@@ -26,7 +26,7 @@ from .atomic import write_json
 from .bundle import check_plain_settings, run_bundle
 from .data import dataset_fingerprint, task_paths
 from .errors import InputError
-from .leaderboard import protocol_hash, split_fingerprint
+from .registry import protocol_hash, split_fingerprint
 
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
 MATRIX_KEYS = ("noise", "coarse_resolution", "prediction_type", "schedule", "learning_rate", "batch_size", "train_steps", "ema_decay",
@@ -240,12 +240,19 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
         "dataset": {"dir": str(dataset_root), "fingerprint": dataset_fingerprint(dataset_root)},
         "split": {"file": shared["split_file"],
                   "fingerprint": split_fingerprint(json.loads(Path(shared["split_file"]).read_text()))},
+        "supervision": _supervision(run_dir),
         "config_hash": config_hash(hashed), "seed": entry["seed"], "code_version": env["code_version"],
         "hardware": env["hardware"],
         "timings": {"train_seconds": round(train_seconds, 3), "inference_seconds": round(inference_seconds, 3)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     return run_dir
+
+
+def _supervision(run_dir: Path) -> str:
+    """What the scored method learnt from, as the score stage recorded it (older indexes: unsupervised)."""
+    index = json.loads((run_dir / "scores" / "index.json").read_text())
+    return index.get("settings", {}).get("supervision", "unsupervised")
 
 
 def _train_once(model_dir: Path, train: dict, shared: dict, run_dir: Path, trust_expressions: bool = False) -> float:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import InputError
@@ -16,6 +19,8 @@ CONFIGS = {
     "inference": ["common.yaml", "inference.yaml"],
     "multi_gpu_inference": ["common.yaml", "inference.yaml", "multi_gpu_inference.yaml"],
     "evaluate": ["common.yaml", "evaluate.yaml"],
+    "train_guided": ["common.yaml", "train.yaml", "guided_train.yaml"],
+    "inference_guided": ["common.yaml", "inference.yaml", "guided_inference.yaml"],
 }
 
 
@@ -24,6 +29,37 @@ def config_files(workflow: str, bundle_dir: str | Path = BUNDLE_DIR) -> list[str
     if workflow not in CONFIGS:
         raise KeyError(f"unknown workflow {workflow!r}; choose one of {', '.join(CONFIGS)}")
     return [str(Path(bundle_dir) / "configs" / name) for name in CONFIGS[workflow]]
+
+
+@lru_cache(maxsize=None)
+def setting_ids(bundle_dir: str | Path = BUNDLE_DIR) -> frozenset[str]:
+    """Every top-level id of the bundle's configs, all workflows together: the names a ``--key value``
+    setting may take (one list of settings then serves score and evaluate alike)."""
+    from monai.bundle import ConfigParser
+
+    ids = set()
+    for workflow in CONFIGS:
+        ids.update(ConfigParser.load_config_files(config_files(workflow, bundle_dir)))
+    return frozenset(ids)
+
+
+@contextmanager
+def quiet_logs(quiet: bool = True):
+    """Warnings and errors only while inside (``--quiet``; ``quiet=False`` changes nothing).
+
+    INFO logging is switched off process-wide (``logging.disable``), not by logger levels: MONAI's
+    loggers carry their own stdout handlers and reset their level to INFO whenever a handler is
+    made, so only this silences config summaries and per-iteration losses wherever they log from.
+    """
+    if not quiet:
+        yield
+        return
+    before = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(before)
 
 
 EXPRESSION_PREFIXES = {"$": "run it as Python code", "@": "resolve it as a reference to another config item",
@@ -89,6 +125,24 @@ def check_plain_settings(settings: dict, source: str, trust_expressions: bool = 
                                      "(only for files and values you trust)")
 
 
+SCORING_WORKFLOWS = ("inference", "multi_gpu_inference", "inference_guided")
+
+
+def with_model_card(workflow: str, bundle_dir: Path, overrides: dict) -> dict:
+    """Scoring settings the user did not give are taken from the model's card; a contradicting one
+    is refused (:mod:`pipeline.model_card`). The FLAIR baseline loads no model."""
+    if workflow not in SCORING_WORKFLOWS or overrides.get("sampler") == "flair":
+        return overrides
+    from monai.bundle import ConfigParser
+
+    from .model_card import apply_card
+
+    parser = ConfigParser()
+    parser.read_config(config_files(workflow, bundle_dir))
+    parser.update(overrides)
+    return apply_card(parser.get_parsed_content("model_path"), overrides)
+
+
 def make_workflow(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: str | None = None,
                   trust_expressions: bool = False, **overrides):
     """An initialised ``ConfigWorkflow``, exactly what ``python -m monai.bundle run`` builds.
@@ -101,6 +155,7 @@ def make_workflow(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: 
     check_plain_settings(overrides, "bundle settings", trust_expressions)
     bundle_dir = Path(bundle_dir)
     overrides.setdefault("bundle_root", str(bundle_dir))
+    overrides = with_model_card(workflow, bundle_dir, overrides)
     with warnings.catch_warnings():  # MONAI warns that configs run code: these are the project's own
         warnings.filterwarnings("ignore", message="parsing config_file", category=UserWarning)
         return create_workflow(config_file=config_files(workflow, bundle_dir),
@@ -110,9 +165,15 @@ def make_workflow(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: 
 
 
 def run_bundle(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: str | None = None,
-               trust_expressions: bool = False, **overrides):
-    """Run one workflow to the end; returns the finished workflow for inspection."""
-    flow = make_workflow(workflow, bundle_dir, tracking=tracking, trust_expressions=trust_expressions, **overrides)
-    flow.run()
-    flow.finalize()
+               trust_expressions: bool = False, quiet: bool = False, **overrides):
+    """Run one workflow to the end; returns the finished workflow for inspection.
+
+    ``quiet``: warnings and errors only (:func:`quiet_logs`) and, unless ``progress`` is given, no progress bars.
+    """
+    if quiet:
+        overrides.setdefault("progress", False)
+    with quiet_logs(quiet):
+        flow = make_workflow(workflow, bundle_dir, tracking=tracking, trust_expressions=trust_expressions, **overrides)
+        flow.run()
+        flow.finalize()
     return flow

@@ -2,11 +2,18 @@
 
 Heavy imports (MONAI, torch) happen inside each command so ``pipeline --help`` stays instant.
 Bad input ends with one line ``error: <file>: <problem>`` and exit code 2.
+
+One flag grammar for every subcommand: ``--dataset-dir`` is the spelling help shows, ``--dataset_dir``
+the same flag (bundle settings are config ids, so ``--t-start`` sets ``t_start``); ``--key=value``
+works too. A flag that is neither an option of the subcommand nor, for train/score/evaluate, a
+setting of the bundle is an error with the closest known flag. ``--quiet`` everywhere: warnings
+and errors only, and the final summary line.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 from pathlib import Path
@@ -62,40 +69,81 @@ def _cmd_bundle(workflow: str):
 
         overrides = parse_overrides(args.settings)
         check_plain_settings(overrides, "command line", args.trust_expressions, prefix="--")
+        if args.quiet:
+            overrides["progress"] = False
+        guided = getattr(args, "guided", False)  # the guided-counterfactual variant of the workflow
+        if guided and getattr(args, "nproc", 1) > 1:
+            raise InputError("--guided", "runs in one process only (no multi-GPU config for it yet); drop --nproc")
         if getattr(args, "nproc", 1) > 1:
-            _run_torchrun(f"multi_gpu_{workflow}", args.nproc, overrides)
+            _run_torchrun(f"multi_gpu_{workflow}", args.nproc, overrides, args.quiet)
+            print(_bundle_summary(workflow, _config_getter(workflow, overrides)))
             return
         from .bundle import run_bundle
 
-        run_bundle(workflow, tracking=args.tracking, trust_expressions=args.trust_expressions, **overrides)
+        flow = run_bundle(f"{workflow}_guided" if guided else workflow, tracking=args.tracking,
+                          trust_expressions=args.trust_expressions, quiet=args.quiet, **overrides)
+        print(_bundle_summary(workflow, flow.parser.get_parsed_content))
 
     return run
 
 
-def _run_torchrun(workflow: str, nproc: int, overrides: dict) -> None:
+def _run_torchrun(workflow: str, nproc: int, overrides: dict, quiet: bool = False) -> None:
+    """``python -m monai.bundle run`` under torchrun; quiet: the ranks' stdout (logs) is dropped,
+    warnings and errors reach stderr."""
     import json
     import subprocess
 
-    from .bundle import config_files
+    from .bundle import BUNDLE_DIR, config_files
 
     files = "[" + ",".join(repr(f) for f in config_files(workflow)) + "]"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "monai.bundle", "run",
            "--config_file", files]
-    for key, value in overrides.items():
+    for key, value in {"bundle_root": str(BUNDLE_DIR), **overrides}.items():
         cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    code = subprocess.call(cmd)
+    code = subprocess.call(cmd, stdout=subprocess.DEVNULL if quiet else None)
     if code:
         raise SystemExit(code)
 
 
+def _config_getter(workflow: str, overrides: dict):
+    """Resolves config items as the workflow would (what a torchrun run used), without running it."""
+    from monai.bundle import ConfigParser
+
+    from .bundle import BUNDLE_DIR, config_files
+
+    parser = ConfigParser(ConfigParser.load_config_files(config_files(workflow)))
+    parser.update({"bundle_root": str(BUNDLE_DIR), **overrides})
+    return parser.get_parsed_content
+
+
+def _bundle_summary(workflow: str, get) -> str:
+    """The one line a bundle subcommand ends with: what it wrote, and where."""
+    import json
+
+    if workflow == "train":
+        return f"trained model {get('model_path')}"
+    if workflow == "inference":
+        index = json.loads((Path(get("scores_dir")) / "index.json").read_text())
+        return f"scored {len(index['subjects'])} subjects into {get('scores_dir')}"
+    metrics = json.loads((Path(get("evaluation_dir")) / "metrics.json").read_text())
+    section = "test" if metrics.get("test") else "validation"
+    figures = metrics[section]
+    labels = {"auroc": "AUROC", "auprc": "AUPRC", "dice": "Dice"}
+    numbers = ", ".join(f"{label} {figures[k]:.4f}" for k, label in labels.items()
+                        if isinstance(figures.get(k), (int, float)))
+    return f"evaluated {section}: {numbers}; {Path(get('evaluation_dir')) / 'metrics.json'}"
+
+
 def _cmd_benchmark(args) -> None:
     from .benchmark import load_protocol, run_benchmark, validation_only
+    from .bundle import quiet_logs
     from .leaderboard import show
 
     overrides = parse_assignments(args.set)
     protocol = load_protocol(args.protocol, overrides)
-    runs = run_benchmark(args.protocol, args.results, args.leaderboard, progress=not args.quiet, overrides=overrides,
-                         trust_expressions=args.trust_expressions)
+    with quiet_logs(args.quiet):
+        runs = run_benchmark(args.protocol, args.results, args.leaderboard, progress=not args.quiet,
+                             overrides=overrides, trust_expressions=args.trust_expressions)
     print(f"{len(runs)} runs under {Path(args.results) / protocol['id']}")
     if validation_only(protocol):
         print("validation-only study protocol: nothing submitted; table: python benchmarks/study_table.py "
@@ -131,7 +179,7 @@ def _protocol_binding(path, assignments) -> dict:
 
 
 def _cmd_init(args) -> None:
-    from .leaderboard import register_protocol, registry_path
+    from .registry import register_protocol, registry_path
 
     record = register_protocol(args.leaderboard, _protocol_binding(args.protocol, args.set))
     print(f"{registry_path(args.leaderboard)}: protocol {record['id']} (hash {record['hash'][:12]}, dataset "
@@ -157,6 +205,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _bundle_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags of a subcommand that runs a bundle workflow; any bundle setting may follow as ``--key value``."""
+    _trust_flag(parser)
+    _quiet_flag(parser)
+    parser.set_defaults(bundle=True)
+
+
+def _guided_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--guided", action="store_true", help=text)
+
+
+def _quiet_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="warnings and errors only: no progress bars or logs, just the final summary")
+
+
 def _trust_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-expressions", action="store_true",
                         help="allow settings that MONAI's config parser runs as code ('$...', '@...', '%%...', "
@@ -165,8 +229,9 @@ def _trust_flag(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pipeline", description="Unsupervised brain-tumour detection with diffusion models (MONAI). "
-                                     "Each command calls the same library functions as the bundle configs.")
+        prog="pipeline", allow_abbrev=False,
+        description="Unsupervised brain-tumour detection with diffusion models (MONAI). "
+                    "Each command calls the same library functions as the bundle configs.")
     from . import __version__
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -183,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "labels; their labels go to GT_DIR/labelsTs (keep GT_DIR and the seed to yourself)")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of healthy and of tumour subjects held out with --hidden-test-labels (default 0.2)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _quiet_flag(p)
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="patient-level split + healthy-slice cache (what training reads)")
@@ -196,29 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=2.0, help="resampling voxel size in mm (default 2.0)")
     p.add_argument("--min-brain-fraction", type=float, default=0.15)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--quiet", action="store_true")
+    _quiet_flag(p)
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="train the diffusion model (the bundle's train config)",
-                       epilog="Any bundle setting can follow as --key value, e.g. --noise simplex --epochs 30 "
-                              "--dataset_dir data/msd --image_size 128 --modalities [FLAIR,T2w].")
+                       epilog="Any bundle setting (a config id; dashes or underscores) can follow as --key value, e.g. "
+                              "--noise simplex --epochs 30 --dataset-dir data/msd --image-size 128 "
+                              "--modalities [FLAIR,T2w].")
     p.add_argument("--nproc", type=int, default=1, help="processes for DistributedDataParallel (torchrun; gloo on CPU)")
     p.add_argument("--tracking", choices=["mlflow"], default=None, help="log the run to MLflow")
-    _trust_flag(p)
-    p.set_defaults(func=_cmd_bundle("train"), bundle=True)
+    _guided_flag(p, "train a class-conditional model on healthy and tumour slices with slice labels "
+                    "(weakly supervised; workflow train_guided)")
+    _bundle_flags(p)
+    p.set_defaults(func=_cmd_bundle("train"))
 
     p = sub.add_parser("score", help="anomaly maps for validation + test subjects (the bundle's inference config)",
-                       epilog="Settings as --key value: --sampler x0|ddim|ddpm|patched|flair --t_start 150 --ddim_steps 10 "
-                              "--n_draws 1 --model_path PATH --scores_dir DIR.")
+                       epilog="Bundle settings as --key value (config ids; dashes or underscores): "
+                              "--sampler x0|ddim|ddpm|patched|flair --t-start 150 --ddim-steps 10 --n-draws 1 "
+                              "--model-path PATH --scores-dir DIR.")
     p.add_argument("--nproc", type=int, default=1, help="processes that share the subjects (torchrun; gloo on CPU)")
-    _trust_flag(p)
-    p.set_defaults(func=_cmd_bundle("inference"), bundle=True, tracking=None)
+    _guided_flag(p, "healthy counterfactuals by classifier-free guidance from a --guided model (weakly "
+                    "supervised; workflow inference_guided; --guidance-scale, --t-start, --ddim-steps)")
+    _bundle_flags(p)
+    p.set_defaults(func=_cmd_bundle("inference"), tracking=None)
 
     p = sub.add_parser("evaluate", help="metrics.json, per-subject CSV, report.png from saved maps (evaluate config)",
-                       epilog="Settings as --key value: --scores_dir DIR --evaluation_dir DIR --bootstrap_resamples N "
-                              "--ground_truth_dir DIR (hidden test labels).")
-    _trust_flag(p)
-    p.set_defaults(func=_cmd_bundle("evaluate"), bundle=True, tracking=None)
+                       epilog="Bundle settings as --key value (config ids; dashes or underscores): --scores-dir DIR "
+                              "--evaluation-dir DIR --bootstrap-resamples N --ground-truth-dir DIR "
+                              "(hidden test labels).")
+    _bundle_flags(p)
+    p.set_defaults(func=_cmd_bundle("evaluate"), tracking=None)
 
     p = sub.add_parser("benchmark", help="run a benchmark protocol (train, score, evaluate every entry), "
                                          "submit to the leaderboard and print it")
@@ -228,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a protocol value by dotted key, e.g. --set dataset.dir=data/msd --set bundle.train_steps=100")
     _trust_flag(p)
-    p.add_argument("--quiet", action="store_true")
+    _quiet_flag(p)
     p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("leaderboard", help="submit a run folder or show the ranked table")
@@ -237,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--protocol", required=True, help="protocol file, e.g. configs/benchmark/default.yaml")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="protocol override, as for benchmark")
     q.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD)
+    _quiet_flag(q)
     q.set_defaults(func=_cmd_init)
     q = lsub.add_parser("submit", help="recompute a run's metrics from its maps and append it")
     q.add_argument("run_dir")
@@ -246,12 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD)
     q.add_argument("--ground-truth", default=None, metavar="DIR",
                    help="organiser's folder with the hidden test labels (DIR/labelsTs/<subject>.nii.gz)")
+    _quiet_flag(q)
     q.set_defaults(func=_cmd_submit)
     q = lsub.add_parser("show", help="ranked table (Markdown) with 95 %% intervals and paired tests")
     q.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD)
     q.add_argument("--protocol-id", default=None)
     q.add_argument("--metric", default="auprc", choices=["auprc", "auroc", "dice"])
     q.add_argument("--html", default=None, help="also write the table as HTML to this file")
+    _quiet_flag(q)
     q.set_defaults(func=_cmd_show)
     q = lsub.add_parser("site", help="static site (opens from the file system): ranked tables, forest plots, "
                                      "one page per run")
@@ -259,12 +334,86 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"leaderboard CSV (default {DEFAULT_LEADERBOARD})")
     q.add_argument("--out", default=None, help="site folder, replaced whole (default: site/ beside the CSV)")
     q.add_argument("--metric", default="auprc", choices=["auprc", "auroc", "dice"], help="ranking metric")
+    _quiet_flag(q)
     q.set_defaults(func=_cmd_site)
     return parser
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> dict | None:
+    """The subcommand parsers by name, or None for a parser that takes no subcommand."""
+    found = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return found[0] if found else None
+
+
+def _leaf(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.ArgumentParser, int]:
+    """(the innermost subcommand's parser, where its arguments start in ``argv``)."""
+    start = 0
+    while (choices := _subcommands(parser)) is not None and start < len(argv) and argv[start] in choices:
+        parser, start = choices[argv[start]], start + 1
+    return parser, start
+
+
+def _setting_key(name: str) -> str:
+    """A bundle setting's config id: underscores, ``::`` as ``#`` (``--network-def#channels``)."""
+    return name.replace("-", "_").replace("::", "#")
+
+
+def canonical_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with every flag in its one spelling: options dashed, bundle settings as config ids.
+
+    Raises :class:`InputError` naming the first flag the subcommand does not know, with the closest one.
+    """
+    leaf, start = _leaf(parser, argv)
+    if _subcommands(leaf) is not None:
+        return argv  # no subcommand named (or --help, --version): argparse says what is missing
+    out, tokens = argv[:start], iter(argv[start:])
+    for token in tokens:
+        if token == "--":
+            return [*out, token, *tokens]
+        if not token.startswith("--"):
+            out.append(token)
+            continue
+        name, eq, value = token[2:].partition("=")
+        option = "--" + name.replace("_", "-")
+        if option in leaf._option_string_actions:
+            out.append(option + eq + value)
+        elif leaf.get_default("bundle") and _setting_key(name).split("#")[0] in _known_settings():
+            value = value if eq else next(tokens, None)
+            out += ["--" + _setting_key(name)] + ([] if value is None else [value])
+        else:
+            raise InputError("command line", _unknown_flag(token.partition("=")[0], leaf))
+    return out
+
+
+def _known_settings() -> frozenset[str]:
+    """Config ids of the bundle, and the workflow's own arguments (refused later, with their reason)."""
+    from .bundle import WORKFLOW_ARGUMENTS, setting_ids
+
+    return setting_ids() | WORKFLOW_ARGUMENTS
+
+
+def _unknown_flag(flag: str, leaf: argparse.ArgumentParser) -> str:
+    """Names ``flag`` and the closest flag ``leaf`` knows (its options, and bundle settings)."""
+    from .bundle import WORKFLOW_ARGUMENTS
+
+    known = [s for s in leaf._option_string_actions if s.startswith("--")]
+    what = "option"
+    if leaf.get_default("bundle"):
+        known += ["--" + s.replace("_", "-") for s in sorted(_known_settings() - WORKFLOW_ARGUMENTS)]
+        what = "option or bundle setting"
+    close = difflib.get_close_matches("--" + flag[2:].replace("_", "-"), known, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"see '{leaf.prog} --help'"
+    return f"{flag}: unknown {what} of '{leaf.prog}'; {hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = canonical_arguments(parser, argv)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "bundle", False):
         args.settings = extra

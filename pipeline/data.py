@@ -634,6 +634,16 @@ def load_or_make_split(path: str | os.PathLike, subjects: Sequence[str], fractio
     return split
 
 
+def dataset_split_file(dataset_dir: str | os.PathLike, split_file: str | os.PathLike, split_seed: int = 0,
+                       fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> dict:
+    """The split of ``split_file`` (made from the seed and written if absent), preprocessing nothing.
+
+    What scoring needs: the same patients training saw, without building the training slice cache.
+    """
+    subjects, test = split_subjects(load_subjects(dataset_dir).data)
+    return load_or_make_split(split_file, subjects, fractions, split_seed, test)
+
+
 # ----------------------------------------------------------------------------------------------
 # preprocessing + healthy-slice cache
 
@@ -754,6 +764,90 @@ def _cache_section(folder: Path, section: str, items: list[dict], transform, cfg
     return {"subjects": len(items), "slices": int(len(slices))}
 
 
+# ----------------------------------------------------------------------------------------------
+# labelled-slice cache (weakly supervised guided counterfactuals: healthy and tumour slices)
+
+HEALTHY_LABEL, TUMOUR_LABEL = 0, 1
+
+
+def labelled_slice_indices(brain: torch.Tensor, tumour: torch.Tensor, min_brain_fraction: float) -> tuple[list[int], list[int]]:
+    """(slices with at least ``min_brain_fraction`` brain, their labels: 1 if any tumour voxel, else 0)."""
+    brain_fraction = brain[0].float().mean(dim=(0, 1))
+    has_tumour = tumour[0].flatten(0, 1).any(dim=0)
+    keep = torch.nonzero(brain_fraction >= min_brain_fraction).flatten()
+    return keep.tolist(), has_tumour[keep].long().tolist()
+
+
+class _LabelledPreprocessed(_Preprocessed):
+    """As :class:`_Preprocessed`, but keeps tumour slices too, each with its slice label."""
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            out = self.transform(dict(item))
+        except Exception as err:  # noqa: BLE001 - converted to InputError by the caller
+            return {"subject": item["subject"], "error": describe_failure(item, err)}
+        z, labels = labelled_slice_indices(out["brain"], out["tumour"], self.min_brain_fraction)
+        image = out["image"].as_tensor() if hasattr(out["image"], "as_tensor") else out["image"]
+        slices = image[..., z].permute(3, 0, 1, 2).contiguous().numpy().astype(np.float32)
+        return {"subject": item["subject"], "slices": slices, "z": np.asarray(z, dtype=np.int32),
+                "labels": np.asarray(labels, dtype=np.int64), "depth": int(image.shape[-1])}
+
+
+def build_labelled_slice_cache(
+    dataset_dir: str | os.PathLike,
+    cache_root: str | os.PathLike,
+    split: dict,
+    cfg: PreprocessConfig = PreprocessConfig(),
+    workers: int = 2,
+    progress: bool = True,
+) -> Path:
+    """Like :func:`build_slice_cache`, but every brain slice of the train and validation subjects is kept
+    with a slice label from that subject's own ground truth (0 healthy, 1 any tumour voxel).
+
+    Test subjects are only checked, never read for labels. The folder is ``labelled-<key>`` (same key
+    as the healthy cache, so both coexist); reused when complete, atomic when built.
+    """
+    out = Path(cache_root) / f"labelled-{cache_key(cfg, split, dataset_fingerprint(dataset_dir))}"
+    if (out / "cache.json").is_file():
+        return out
+    by_subject = {item["subject"]: item for item in load_subjects(dataset_dir).data}
+    transform = preprocess_transforms(cfg, with_label=True)
+    with atomic_dir(out) as tmp:
+        check_subjects([by_subject[s] for s in split["test"]], workers, progress)
+        summary = {"format": CACHE_FORMAT, "preprocess": cfg.to_dict(), "key": out.name, "labelled": True,
+                   "sections": {}, "checked_test_subjects": len(split["test"])}
+        for section in CACHE_SECTIONS:
+            items = [by_subject[s] for s in split[section]]
+            summary["sections"][section] = _labelled_cache_section(tmp, section, items, transform, cfg, workers, progress)
+        if summary["sections"]["train"]["slices"] == 0:
+            raise InputError("split", f"no brain slices in the {len(split['train'])} training subjects "
+                                      f"(min_brain_fraction={cfg.min_brain_fraction}); nothing to train on")
+        write_json(tmp / "cache.json", summary)
+    return out
+
+
+def _labelled_cache_section(folder: Path, section: str, items: list[dict], transform, cfg: PreprocessConfig,
+                            workers: int, progress: bool) -> dict:
+    loader = DataLoader(_LabelledPreprocessed(items, transform, cfg.min_brain_fraction), batch_size=1,
+                        num_workers=min(workers, len(items)) if workers > 1 else 0, collate_fn=_identity_collate)
+    chunks, labels, index = [], [], []
+    for result in tqdm(loader, desc=f"preprocess {section} (labelled)", unit="subject", disable=not progress):
+        if "error" in result:
+            raise InputError(None, result["error"])
+        chunks.append(result["slices"])
+        labels.append(result["labels"])
+        index.extend({"subject": result["subject"], "z": int(z), "depth": result["depth"], "label": int(y)}
+                     for z, y in zip(result["z"], result["labels"]))
+    size = int(cfg.image_size)
+    slices = np.concatenate(chunks) if chunks else np.zeros((0, cfg.channels, size, size), np.float32)
+    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    np.save(folder / f"{section}_images.npy", slices)
+    np.save(folder / f"{section}_labels.npy", all_labels)
+    write_json(folder / f"{section}_index.json", index)
+    return {"subjects": len(items), "slices": int(len(slices)), "tumour_slices": int(all_labels.sum())}
+
+
 class _Checked(Dataset):
     """Reads one subject's files and runs the preprocessing's input checks; returns an error line or None."""
 
@@ -804,6 +898,20 @@ class SliceDataset(Dataset):
         return {"image": torch.from_numpy(np.array(self.images[i]))}
 
 
+class LabelledSliceDataset(SliceDataset):
+    """Slices of the labelled cache: ``{"image": (C, H, W) float32, "label": int64 (0 healthy, 1 tumour)}``."""
+
+    def __init__(self, cache_dir: str | os.PathLike, section: str = "train"):
+        super().__init__(cache_dir, section)
+        path = Path(cache_dir) / f"{section}_labels.npy"
+        if not path.is_file():
+            raise InputError(path, "slice labels not found: this is not a labelled cache (prepare with labelled=True)")
+        self.labels = np.load(path)
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "label": torch.tensor(int(self.labels[i]), dtype=torch.long)}
+
+
 @dataclass
 class PreparedData:
     """What ``prepare_data`` hands to training: the split and the cache folder."""
@@ -822,8 +930,10 @@ def prepare_data(
     fractions: Sequence[float] = (0.6, 0.2, 0.2),
     workers: int = 2,
     progress: bool = True,
+    labelled: bool = False,
 ) -> PreparedData:
-    """Split (reused if the file exists) and build (or reuse) the healthy-slice cache.
+    """Split (reused if the file exists) and build (or reuse) the healthy-slice cache (``labelled``:
+    the labelled-slice cache of :func:`build_labelled_slice_cache` instead).
 
     A file lock makes concurrent callers (the ranks of a multi-process run, parallel benchmark
     entries) build once and share the result. A failure leaves nothing behind: a new split file is
@@ -840,7 +950,8 @@ def prepare_data(
         with FileLock(str(lock_path)):
             try:
                 split, made = read_or_make_split(split_file, subjects, fractions, split_seed, test)
-                cache_dir = build_slice_cache(dataset_dir, cache_root, split, preprocess, workers, progress)
+                build = build_labelled_slice_cache if labelled else build_slice_cache
+                cache_dir = build(dataset_dir, cache_root, split, preprocess, workers, progress)
                 if made:
                     write_json(split_file, split)
             except BaseException:

@@ -43,9 +43,12 @@ from .postprocess import (RESIDUAL_NORMS, HealthyResidualStats, erode, median_fi
                           reduce_channels, remove_small_components)
 from .samplers import (Model, ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, noise_to,  # noqa: F401 (re-export)
                        patched_reconstruct, predict_x0_eps, x0_reconstruct)
+from .guided import guided_reconstruct
 from .train import load_checkpoint, load_state
 
-SAMPLERS = ("x0", "ddim", "ddpm", "patched", "flair")
+SAMPLERS = ("x0", "ddim", "ddpm", "patched", "flair", "guided")
+GUIDED = "guided"  # weakly supervised counterfactuals (pipeline.guided): needs a class-conditional model
+SUPERVISION = {GUIDED: "weak slice labels"}  # every other sampler: "unsupervised"
 BASELINE = "flair"  # FLAIR-intensity threshold baseline (Meissen et al. 2021): no model, map = intensity
 REDUCTIONS = ("max", "mean")
 INDEX_FORMAT = 2
@@ -67,7 +70,9 @@ class ScoreSettings:
     """How an anomaly map is made, checked once when built.
 
     ``sampler``: ``x0`` (the fast sampler: one call, the model's x0 prediction from x_t),
-    ``ddim`` (``ddim_steps`` calls; 1 computes the same as ``x0``),
+    ``ddim`` (``ddim_steps`` calls; 1 computes the same as ``x0``), ``guided`` (counterfactual of a
+    class-conditional model: DDIM inversion to ``t_start`` and decoding guided towards healthy with
+    scale ``guidance_scale``, ``ddim_steps`` calls each way; trained with slice labels),
     ``ddpm`` (AnoDDPM, every step), ``patched`` (pDDPM: one ``patch_size`` patch noised at a time,
     DDIM in ``ddim_steps`` calls) or ``flair`` (the baseline: map = FLAIR intensity, no model).
     ``t_start``: one noise level or several (a t_L ensemble: residuals averaged over levels and
@@ -90,6 +95,7 @@ class ScoreSettings:
     residual_norm: str = "none"
     min_component_voxels: int = 0
     component_quantile: float = 0.99
+    guidance_scale: float = 3.0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -117,6 +123,13 @@ class ScoreSettings:
                                               f"choose one of {', '.join(RESIDUAL_NORMS)}")
         if not 0 < float(self.component_quantile) < 1:
             raise InputError("component_quantile", f"must be in (0, 1), got {self.component_quantile!r}")
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
+            raise InputError("guidance_scale", f"must be a number, got {self.guidance_scale!r}")
+
+    @property
+    def supervision(self) -> str:
+        """What the method learned from: the leaderboard must not rank weakly supervised entries as unsupervised."""
+        return SUPERVISION.get(self.sampler, "unsupervised")
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -134,6 +147,7 @@ class ScoreSettings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["t_start"] = list(self.levels) if isinstance(self.t_start, tuple) else self.t_start
+        d["supervision"] = self.supervision
         return d
 
 
@@ -155,6 +169,8 @@ def _reconstruct(model: Model, x: torch.Tensor, t_start: int, scheduler, noise: 
         return x0_reconstruct(model, x, t_start, scheduler, noise)
     if settings.sampler == "patched":
         return patched_reconstruct(model, x, t_start, scheduler, noise, settings.ddim_steps, settings.patch_size)
+    if settings.sampler == GUIDED:
+        return guided_reconstruct(model, x, t_start, scheduler, settings.ddim_steps, settings.guidance_scale)
     return ddim_reconstruct(model, x, t_start, scheduler, noise, settings.ddim_steps)
 
 

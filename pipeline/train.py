@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .atomic import atomic_path, remove_orphans
-from .data import SliceDataset
+from .data import LabelledSliceDataset, SliceDataset
 from .errors import InputError
 from .noise import NoiseGenerator
 
@@ -52,8 +52,13 @@ def diffusion_unet(
     num_res_blocks: int = 1,
     num_head_channels: int = 32,
     norm_num_groups: int = 32,
+    num_class_embeds: int | None = None,
 ) -> DiffusionModelUNet:
-    """2D DiffusionModelUNet, refusing image sizes its down/up-sampling path cannot take."""
+    """2D DiffusionModelUNet, refusing image sizes its down/up-sampling path cannot take.
+
+    ``num_class_embeds``: a class-conditional network (a learned embedding per class added to the
+    timestep embedding; :mod:`pipeline.guided`); None, the default, is the unconditional one.
+    """
     factor = 2 ** (len(channels) - 1)
     if int(image_size) % factor:
         raise InputError("image_size", f"{image_size} is not divisible by {factor}, which a UNet with "
@@ -67,6 +72,7 @@ def diffusion_unet(
         spatial_dims=2, in_channels=in_channels, out_channels=in_channels, channels=tuple(channels),
         attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
         num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
+        num_class_embeds=None if num_class_embeds is None else int(num_class_embeds),
     )
 
 
@@ -208,13 +214,14 @@ class EpochSampler(DistributedSampler):
 
 def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_size: int = 32,
                  shuffle: bool = True, num_workers: int = 0, distributed: bool = False,
-                 seed: int = 0, pin_memory: bool = False) -> DataLoader:
+                 seed: int = 0, pin_memory: bool = False, labelled: bool = False) -> DataLoader:
     """Loader over cached healthy slices, in an order a resumed run can replay (:class:`EpochSampler`).
 
     The loader's own seeded generator draws the worker base seeds, so iterating it never touches the
     global torch RNG (a resumed run creates its iterators at other moments than an uninterrupted one).
+    ``labelled``: slices with their slice labels, from the labelled cache (guided training).
     """
-    dataset = SliceDataset(cache_dir, section)
+    dataset = (LabelledSliceDataset if labelled else SliceDataset)(cache_dir, section)
     sampler = EpochSampler(dataset, shuffle=shuffle, seed=seed, distributed=distributed) if shuffle or distributed else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False,
                       persistent_workers=num_workers > 0, pin_memory=bool(pin_memory),
@@ -575,21 +582,26 @@ class AtomicCheckpoint:
         engine.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
 
 
-def save_model(path: str | os.PathLike, module: torch.nn.Module) -> None:
-    """Write the (EMA) network weights atomically: the file inference loads."""
+def save_model(path: str | os.PathLike, module: torch.nn.Module, card: dict | None = None) -> None:
+    """Write the (EMA) network weights atomically: the file inference loads; with ``card`` (the
+    training run's bundle settings) also its model card (:mod:`pipeline.model_card`)."""
+    from .model_card import write_card
+
     module = module.module if hasattr(module, "module") else module
+    if card is not None:
+        write_card(path, card)  # first: a model.pt never exists without the card that describes it
     with atomic_path(path) as tmp:
         torch.save(module.state_dict(), tmp)
 
 
 class SaveFinalModel:
-    """Ignite handler: write ``model.pt`` (EMA weights) when training completes."""
+    """Ignite handler: write ``model.pt`` (EMA weights) and its card when training completes."""
 
-    def __init__(self, path: str | os.PathLike, module: torch.nn.Module):
-        self.path, self.module = path, module
+    def __init__(self, path: str | os.PathLike, module: torch.nn.Module, card: dict | None = None):
+        self.path, self.module, self.card = path, module, card
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, lambda _: save_model(self.path, self.module))
+        engine.add_event_handler(Events.COMPLETED, lambda _: save_model(self.path, self.module, self.card))
 
 
 class ResetOnStart:

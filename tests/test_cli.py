@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import build_parser
+from pipeline.cli import build_parser, canonical_arguments
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -42,11 +42,12 @@ def test_readme_starts_with_the_two_setup_commands():
 
 
 def test_every_readme_pipeline_command_parses():
+    """... with known flags only (a misspelt option or bundle setting in the README would fail here)."""
     parser = build_parser()
     commands = readme_commands()
     assert len(commands) >= 8
     for command in commands:
-        args, extra = parser.parse_known_args(command.split()[1:])
+        args, extra = parser.parse_known_args(canonical_arguments(parser, command.split()[1:]))
         assert args.func is not None, command
         assert not extra or getattr(args, "bundle", False), command
 
@@ -99,3 +100,8 @@ def test_benchmark_command_prints_the_leaderboard(tiny_data):
                      str(tiny_data / "lb.csv"), "--quiet")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| 1 | flair-baseline-s0 |" in result.stdout
+    assert result.stderr == "" and " INFO " not in result.stdout and "input summary" not in result.stdout  # quiet
+    table = run_cli("leaderboard", "show", "--leaderboard", str(tiny_data / "lb.csv"))
+    quiet = run_cli("leaderboard", "show", "--leaderboard", str(tiny_data / "lb.csv"), "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == table.stdout
+    assert quiet.stdout.startswith("| rank |") and len(quiet.stdout.splitlines()) == 3  # header, rule, one run

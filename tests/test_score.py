@@ -249,6 +249,15 @@ def _score_kwargs(trained: dict, **extra) -> dict:
 def test_checkpoint_from_other_config_is_refused(trained):
     with pytest.raises(Exception) as info:
         run_bundle("inference", **{**trained, "unet_channels": [32, 64, 64]})
+    found = find_input_error(info.value)  # the model card names the contradiction before any weight is read
+    assert found is not None and "unet_channels=[32, 64, 64] (trained with [32, 32, 32])" in found.problem
+    assert found.source == str(Path(trained["ckpt_dir"]) / "model.card.json")
+    Path(trained["ckpt_dir"], "model.card.json").rename(Path(trained["ckpt_dir"], "card.bak"))
+    try:  # a model without a card (trained before cards): the weights themselves refuse the shape
+        with pytest.raises(Exception) as info:
+            run_bundle("inference", **{**trained, "unet_channels": [32, 64, 64]})
+    finally:
+        Path(trained["ckpt_dir"], "card.bak").rename(Path(trained["ckpt_dir"], "model.card.json"))
     found = find_input_error(info.value)
     assert found is not None and "does not match" in found.problem
     assert found.source == str(Path(trained["ckpt_dir"]) / "model.pt")

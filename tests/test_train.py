@@ -150,7 +150,7 @@ def test_cli_train_reports_bad_setting_in_one_line(synth_root, shared, tmp_path)
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \
-        "error: noise: unknown noise type 'perlin'; choose one of gaussian, simplex"
+        "error: noise: unknown noise type 'perlin'; choose one of gaussian, simplex, coarse"
     assert "Traceback" not in result.stderr
 
 

@@ -1,0 +1,130 @@
+"""Weakly supervised counterfactuals with classifier-free guidance (Sanchez et al. 2022).
+
+A class-conditional DiffusionModelUNet learns healthy (0) and tumour (1) slices from slice-level
+labels; with probability ``drop_prob`` a training label is replaced by the null class (2), so the
+same network also learns the unconditional model (Ho & Salimans 2021). To score, a slice is encoded
+by deterministic DDIM inversion up to ``t_start`` with the null condition, then decoded back with
+guidance towards "healthy": eps = eps(x, null) + w (eps(x, healthy) - eps(x, null)). What the
+decoding changes, |x - counterfactual|, is the anomaly map.
+
+Timesteps follow :mod:`pipeline.samplers` (MONAI indexing, ``alphas_cumprod[t]`` at step ``t``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from monai.inferers import DiffusionInferer
+
+from .errors import InputError
+from .samplers import _ddim_from, ddim_timesteps, predict_x0_eps, timesteps_like
+from .train import NoisePrepareBatch
+
+HEALTHY, TUMOUR, NULL = 0, 1, 2
+NUM_CLASSES = 3  # healthy, tumour and the null (empty) condition
+
+
+def labels_like(label: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), int(label), device=x.device, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+class GuidedPrepareBatch(NoisePrepareBatch):
+    """:class:`NoisePrepareBatch` plus the slice labels as ``class_labels``, each replaced by the
+    null class with probability ``drop_prob`` (condition dropout).
+
+    The dropout draws come from the seeded timestep generator, so they are checkpointed with it and
+    a resumed run continues the same stream.
+    """
+
+    def __init__(self, scheduler, noise, seed: int = 0, patch_size: int | None = None, drop_prob: float = 0.15,
+                 null_class: int = NULL):
+        super().__init__(scheduler, noise, seed, patch_size)
+        if not 0 <= float(drop_prob) <= 1:
+            raise InputError("condition_dropout", f"must be in [0, 1], got {drop_prob!r}")
+        self.drop_prob, self.null_class = float(drop_prob), int(null_class)
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs):
+        images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
+        labels = self.drop_labels(torch.as_tensor(batchdata["label"]).long().flatten())
+        return images, target, args, {**infer_kwargs, "class_labels": labels.to(images.device)}
+
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels with each one replaced by the null class with probability ``drop_prob``."""
+        drop = torch.rand(labels.shape[0], generator=self.generator) < self.drop_prob
+        return torch.where(drop, torch.full_like(labels, self.null_class), labels)
+
+
+class ClassConditionalInferer(DiffusionInferer):
+    """MONAI's DiffusionInferer passes only ``condition`` (as cross-attention context) to the network;
+    this one also forwards the prepare-batch's ``class_labels`` (the class embedding's input)."""
+
+    def __call__(self, inputs, diffusion_model, noise, timesteps, class_labels=None, **kwargs):  # type: ignore[override]
+        model = diffusion_model if class_labels is None else partial(diffusion_model, class_labels=class_labels)
+        return super().__call__(inputs, model, noise, timesteps, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring
+
+
+@torch.inference_mode()
+def ddim_invert(model, x0: torch.Tensor, t_start: int, steps: int, scheduler, labels: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM inversion (eta = 0): encode clean slices up to ``t_start`` in ``steps`` calls.
+
+    The mirror of DDIM decoding over the same timesteps (``ddim_timesteps`` ascending): each step
+    predicts (x0, eps) at the current level and re-noises them to the next one. The network is
+    evaluated at the level it comes from (step 0 for the clean input, whose x0 is known exactly), so
+    decoding returns the input up to the change of eps between neighbouring levels, which shrinks
+    with the step size (exact for a model that knows x0).
+    """
+    x, t_prev = x0, 0
+    for i, t in enumerate(reversed(ddim_timesteps(t_start, steps))):
+        x0_hat, eps_hat = predict_x0_eps(scheduler, model(x, timesteps_like(t_prev, x), class_labels=labels), x, t_prev)
+        if i == 0:
+            x0_hat = x0  # the input is clean, not x at step 0: keep it, only eps is predicted
+        abar = float(scheduler.alphas_cumprod[t])
+        x, t_prev = abar**0.5 * x0_hat + (1.0 - abar) ** 0.5 * eps_hat, t
+    return x
+
+
+def guided_output(model, x: torch.Tensor, timesteps: torch.Tensor, guidance_scale: float,
+                  target: int = HEALTHY, null: int = NULL) -> torch.Tensor:
+    """Classifier-free guidance: out(x, null) + w (out(x, target) - out(x, null)), both in one batch.
+
+    Applied to the raw network output: eps, x0 and v are affine in it at fixed x_t and the weights
+    sum to 1, so this equals guiding eps whatever the prediction type.
+    """
+    both = model(torch.cat([x, x]), torch.cat([timesteps, timesteps]),
+                 class_labels=torch.cat([labels_like(null, x), labels_like(target, x)]))
+    uncond, cond = both.chunk(2)
+    return uncond + float(guidance_scale) * (cond - uncond)
+
+
+@torch.inference_mode()
+def guided_ddim_decode(model, x_t: torch.Tensor, t_start: int, steps: int, scheduler, guidance_scale: float,
+                       target: int = HEALTHY) -> torch.Tensor:
+    """Deterministic DDIM from ``t_start`` to the clean image with classifier-free guidance towards ``target``."""
+    guided = partial(guided_output, model, guidance_scale=guidance_scale, target=target)
+    return _ddim_from(guided, x_t, ddim_timesteps(t_start, steps), scheduler)
+
+
+@torch.inference_mode()
+def guided_reconstruct(model, x0: torch.Tensor, t_start: int, scheduler, steps: int = 10,
+                       guidance_scale: float = 3.0) -> torch.Tensor:
+    """Healthy counterfactual (Sanchez et al. 2022): DDIM inversion with the null condition, then
+    DDIM decoding guided towards healthy. Deterministic: no noise is drawn.
+
+    An x0-predicting model is refused: its implied eps, (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar), amplifies
+    its error by up to 1/sqrt(1 - abar_0) = 100 near the clean end, and the inversion does not come back.
+    """
+    if scheduler.prediction_type == "sample":
+        raise InputError("prediction_type", "the guided sampler needs a model trained to predict epsilon or v "
+                                            "(DDIM inversion of an x0-predicting model does not return the input); "
+                                            "train with the train_guided workflow (prediction_type: epsilon)")
+    latent = ddim_invert(model, x0, t_start, steps, scheduler, labels_like(NULL, x0))
+    return guided_ddim_decode(model, latent, t_start, steps, scheduler, guidance_scale)
