@@ -301,7 +301,8 @@ def test_maps_made_from_hidden_labels_are_scored_with_ground_truth(hidden, tmp_p
     write_json(run / "run.json", {
         "method": "from-labels", "protocol": {"id": protocol["id"], "hash": protocol["hash"]},
         "dataset": {"fingerprint": dataset_fingerprint(data)}, "split": {"fingerprint": split_fingerprint(split)},
-        "config_hash": "0" * 16, "seed": 0, "code_version": "test", "hardware": "cpu"})
+        "config_hash": "0" * 16, "seed": 0, "code_version": "test", "hardware": "cpu",
+        "supervision": "unsupervised"})
     csv_path = tmp_path / "lb.csv"
     submit = ["leaderboard", "submit", str(run), "--protocol", str(protocol_path), "--leaderboard", str(csv_path)]
     assert main(submit) == 2
