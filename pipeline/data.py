@@ -44,6 +44,8 @@ TASK = "Task01_BrainTumour"
 MSD_MODALITIES = ("FLAIR", "T1w", "T1gd", "T2w")
 SECTIONS = ("train", "validation", "test")
 CACHE_SECTIONS = ("train", "validation")
+HEALTHY_LABEL, TUMOUR_LABEL = 0, 1
+"""Slice labels of the labelled cache (weak supervision for the guided method)."""
 CACHE_FORMAT = 2
 """2: a cache certifies that the test subjects were read and checked too (1 checked train + validation only)."""
 INTENSITY_SCALINGS = ("median", "percentile")
@@ -655,8 +657,9 @@ class _Preprocessed(Dataset):
     the user sees one line naming the file.
     """
 
-    def __init__(self, items: list[dict], transform, min_brain_fraction: float):
+    def __init__(self, items: list[dict], transform, min_brain_fraction: float, labelled: bool = False):
         self.items, self.transform, self.min_brain_fraction = items, transform, min_brain_fraction
+        self.labelled = labelled
 
     def __len__(self):
         return len(self.items)
@@ -667,11 +670,15 @@ class _Preprocessed(Dataset):
             out = self.transform(dict(item))
         except Exception as err:  # noqa: BLE001 - converted to InputError below
             return {"subject": item["subject"], "error": describe_failure(item, err)}
-        healthy = healthy_slice_indices(out["brain"], out["tumour"], self.min_brain_fraction)
+        if self.labelled:  # tumour slices too, each with its slice label
+            z, labels = labelled_slice_indices(out["brain"], out["tumour"], self.min_brain_fraction)
+        else:
+            z = healthy_slice_indices(out["brain"], out["tumour"], self.min_brain_fraction)
+            labels = [HEALTHY_LABEL] * len(z)
         image = out["image"].as_tensor() if hasattr(out["image"], "as_tensor") else out["image"]
-        slices = image[..., healthy].permute(3, 0, 1, 2).contiguous().numpy().astype(np.float32)
-        return {"subject": item["subject"], "slices": slices, "z": np.asarray(healthy, dtype=np.int32),
-                "depth": int(image.shape[-1])}
+        slices = image[..., z].permute(3, 0, 1, 2).contiguous().numpy().astype(np.float32)
+        return {"subject": item["subject"], "slices": slices, "z": np.asarray(z, dtype=np.int32),
+                "labels": np.asarray(labels, dtype=np.int64), "depth": int(image.shape[-1])}
 
 
 def describe_failure(item: dict, err: Exception) -> str:
@@ -718,56 +725,67 @@ def build_slice_cache(
     cfg: PreprocessConfig = PreprocessConfig(),
     workers: int = 2,
     progress: bool = True,
+    labelled: bool = False,
 ) -> Path:
     """Check the test subjects' files, preprocess train + validation subjects once; keep their healthy
-    slices as .npy arrays.
+    slices as .npy arrays (``labelled``: every brain slice, with a slice label from that subject's own
+    ground truth, for the weakly supervised guided method; folder ``labelled-<key>`` beside the other).
 
     Returns the cache folder. A folder for the same data, split and settings is reused as is;
     the folder appears only once complete, so an interrupted build leaves nothing behind.
     """
     ds = load_subjects(dataset_dir)
     key = cache_key(cfg, split, dataset_fingerprint(dataset_dir))
-    out = Path(cache_root) / key
+    out = Path(cache_root) / (f"labelled-{key}" if labelled else key)
     if (out / "cache.json").is_file():
         return out
     by_subject = {item["subject"]: item for item in ds.data}
     transform = preprocess_transforms(cfg, with_label=True)
     with atomic_dir(out) as tmp:
         check_subjects([by_subject[s] for s in split["test"]], workers, progress)
-        summary = {"format": CACHE_FORMAT, "preprocess": cfg.to_dict(), "key": key, "sections": {},
-                   "checked_test_subjects": len(split["test"])}
+        summary = {"format": CACHE_FORMAT, "preprocess": cfg.to_dict(), "key": out.name, "sections": {},
+                   "checked_test_subjects": len(split["test"]), **({"labelled": True} if labelled else {})}
         for section in CACHE_SECTIONS:
             items = [by_subject[s] for s in split[section]]
-            summary["sections"][section] = _cache_section(tmp, section, items, transform, cfg, workers, progress)
+            summary["sections"][section] = _cache_section(tmp, section, items, transform, cfg, workers, progress,
+                                                          labelled)
         if summary["sections"]["train"]["slices"] == 0:
-            raise InputError("split", f"no healthy slices in the {len(split['train'])} training subjects "
+            kind = "brain" if labelled else "healthy"
+            raise InputError("split", f"no {kind} slices in the {len(split['train'])} training subjects "
                                       f"(min_brain_fraction={cfg.min_brain_fraction}); nothing to train on")
         write_json(tmp / "cache.json", summary)
     return out
 
 
 def _cache_section(folder: Path, section: str, items: list[dict], transform, cfg: PreprocessConfig,
-                   workers: int, progress: bool) -> dict:
-    loader = DataLoader(_Preprocessed(items, transform, cfg.min_brain_fraction), batch_size=1,
+                   workers: int, progress: bool, labelled: bool = False) -> dict:
+    loader = DataLoader(_Preprocessed(items, transform, cfg.min_brain_fraction, labelled), batch_size=1,
                         num_workers=min(workers, len(items)) if workers > 1 else 0,
                         collate_fn=_identity_collate)
-    chunks, index = [], []
-    for result in tqdm(loader, desc=f"preprocess {section}", unit="subject", disable=not progress):
+    chunks, labels, index = [], [], []
+    desc = f"preprocess {section}" + (" (labelled)" if labelled else "")
+    for result in tqdm(loader, desc=desc, unit="subject", disable=not progress):
         if "error" in result:
             raise InputError(None, result["error"])
         chunks.append(result["slices"])
-        index.extend({"subject": result["subject"], "z": int(z), "depth": result["depth"]} for z in result["z"])
+        labels.append(result["labels"])
+        index.extend({"subject": result["subject"], "z": int(z), "depth": result["depth"],
+                      **({"label": int(y)} if labelled else {})} for z, y in zip(result["z"], result["labels"]))
     size = int(cfg.image_size)
     slices = np.concatenate(chunks) if chunks else np.zeros((0, cfg.channels, size, size), np.float32)
     np.save(folder / f"{section}_images.npy", slices)
     write_json(folder / f"{section}_index.json", index)
-    return {"subjects": len(items), "slices": int(len(slices))}
+    summary = {"subjects": len(items), "slices": int(len(slices))}
+    if labelled:
+        all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        np.save(folder / f"{section}_labels.npy", all_labels)
+        summary["tumour_slices"] = int(all_labels.sum())
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------
 # labelled-slice cache (weakly supervised guided counterfactuals: healthy and tumour slices)
 
-HEALTHY_LABEL, TUMOUR_LABEL = 0, 1
 
 
 def labelled_slice_indices(brain: torch.Tensor, tumour: torch.Tensor, min_brain_fraction: float) -> tuple[list[int], list[int]]:
@@ -778,74 +796,11 @@ def labelled_slice_indices(brain: torch.Tensor, tumour: torch.Tensor, min_brain_
     return keep.tolist(), has_tumour[keep].long().tolist()
 
 
-class _LabelledPreprocessed(_Preprocessed):
-    """As :class:`_Preprocessed`, but keeps tumour slices too, each with its slice label."""
-
-    def __getitem__(self, i):
-        item = self.items[i]
-        try:
-            out = self.transform(dict(item))
-        except Exception as err:  # noqa: BLE001 - converted to InputError by the caller
-            return {"subject": item["subject"], "error": describe_failure(item, err)}
-        z, labels = labelled_slice_indices(out["brain"], out["tumour"], self.min_brain_fraction)
-        image = out["image"].as_tensor() if hasattr(out["image"], "as_tensor") else out["image"]
-        slices = image[..., z].permute(3, 0, 1, 2).contiguous().numpy().astype(np.float32)
-        return {"subject": item["subject"], "slices": slices, "z": np.asarray(z, dtype=np.int32),
-                "labels": np.asarray(labels, dtype=np.int64), "depth": int(image.shape[-1])}
-
-
-def build_labelled_slice_cache(
-    dataset_dir: str | os.PathLike,
-    cache_root: str | os.PathLike,
-    split: dict,
-    cfg: PreprocessConfig = PreprocessConfig(),
-    workers: int = 2,
-    progress: bool = True,
-) -> Path:
-    """Like :func:`build_slice_cache`, but every brain slice of the train and validation subjects is kept
-    with a slice label from that subject's own ground truth (0 healthy, 1 any tumour voxel).
-
-    Test subjects are only checked, never read for labels. The folder is ``labelled-<key>`` (same key
-    as the healthy cache, so both coexist); reused when complete, atomic when built.
-    """
-    out = Path(cache_root) / f"labelled-{cache_key(cfg, split, dataset_fingerprint(dataset_dir))}"
-    if (out / "cache.json").is_file():
-        return out
-    by_subject = {item["subject"]: item for item in load_subjects(dataset_dir).data}
-    transform = preprocess_transforms(cfg, with_label=True)
-    with atomic_dir(out) as tmp:
-        check_subjects([by_subject[s] for s in split["test"]], workers, progress)
-        summary = {"format": CACHE_FORMAT, "preprocess": cfg.to_dict(), "key": out.name, "labelled": True,
-                   "sections": {}, "checked_test_subjects": len(split["test"])}
-        for section in CACHE_SECTIONS:
-            items = [by_subject[s] for s in split[section]]
-            summary["sections"][section] = _labelled_cache_section(tmp, section, items, transform, cfg, workers, progress)
-        if summary["sections"]["train"]["slices"] == 0:
-            raise InputError("split", f"no brain slices in the {len(split['train'])} training subjects "
-                                      f"(min_brain_fraction={cfg.min_brain_fraction}); nothing to train on")
-        write_json(tmp / "cache.json", summary)
-    return out
-
-
-def _labelled_cache_section(folder: Path, section: str, items: list[dict], transform, cfg: PreprocessConfig,
-                            workers: int, progress: bool) -> dict:
-    loader = DataLoader(_LabelledPreprocessed(items, transform, cfg.min_brain_fraction), batch_size=1,
-                        num_workers=min(workers, len(items)) if workers > 1 else 0, collate_fn=_identity_collate)
-    chunks, labels, index = [], [], []
-    for result in tqdm(loader, desc=f"preprocess {section} (labelled)", unit="subject", disable=not progress):
-        if "error" in result:
-            raise InputError(None, result["error"])
-        chunks.append(result["slices"])
-        labels.append(result["labels"])
-        index.extend({"subject": result["subject"], "z": int(z), "depth": result["depth"], "label": int(y)}
-                     for z, y in zip(result["z"], result["labels"]))
-    size = int(cfg.image_size)
-    slices = np.concatenate(chunks) if chunks else np.zeros((0, cfg.channels, size, size), np.float32)
-    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-    np.save(folder / f"{section}_images.npy", slices)
-    np.save(folder / f"{section}_labels.npy", all_labels)
-    write_json(folder / f"{section}_index.json", index)
-    return {"subjects": len(items), "slices": int(len(slices)), "tumour_slices": int(all_labels.sum())}
+def build_labelled_slice_cache(dataset_dir: str | os.PathLike, cache_root: str | os.PathLike, split: dict,
+                               cfg: PreprocessConfig = PreprocessConfig(), workers: int = 2,
+                               progress: bool = True) -> Path:
+    """The labelled-slice cache: :func:`build_slice_cache` with ``labelled=True``."""
+    return build_slice_cache(dataset_dir, cache_root, split, cfg, workers, progress, labelled=True)
 
 
 class _Checked(Dataset):
