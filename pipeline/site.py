@@ -350,6 +350,9 @@ def _index_row(row, metric: str, pages: set) -> str:
         name = f'<a href="runs/{esc(row["row_id"])}.html">{name}</a>'
     if is_baseline(row["method"]):
         name += ' <span class="badge b-base">baseline</span>'
+    supervision = row.get("supervision")
+    if isinstance(supervision, str) and supervision not in ("", "unsupervised"):  # never ranked unmarked
+        name += f' <span class="badge" title="learnt from labels">{esc(supervision.lstrip(chr(39)))}</span>'
     badge, key = paired_badge(row, metric)
     cells = [_td(str(row["rank"]), row["rank"]), _td(name, row["method"], "t"),
              *(_td(_with_ci(row, m, "<br>"), _sort_key(row[m])) for m in ("auprc", "auroc", "dice")),

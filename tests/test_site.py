@@ -276,3 +276,15 @@ def test_command_rebuilds_and_refuses_a_foreign_folder(board, tmp_path, capsys):
         build_site(board["csv"], foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert main(["leaderboard", "site", "--csv", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
+
+
+def test_weakly_supervised_entries_are_marked(tmp_path):
+    from test_leaderboard import fake_row
+
+    from pipeline.site import build_site
+
+    csv_path = tmp_path / "lb.csv"
+    append_row(csv_path, fake_row("guided-cf", metric=0.9, supervision="weak slice labels"))
+    append_row(csv_path, fake_row("x0", metric=0.8, supervision="unsupervised"))
+    page = build_site(csv_path, tmp_path / "site").read_text()  # the index page
+    assert page.count('title="learnt from labels">weak slice labels</span>') == 1
