@@ -44,7 +44,7 @@ from .postprocess import (RESIDUAL_NORMS, HealthyResidualStats, erode, median_fi
 from .samplers import (Model, ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, noise_to,  # noqa: F401 (re-export)
                        patched_reconstruct, predict_x0_eps, x0_reconstruct)
 from .guided import guided_reconstruct
-from .train import load_checkpoint, load_state
+from .train import load_checkpoint, load_state, rank_and_world
 
 SAMPLERS = ("x0", "ddim", "ddpm", "patched", "flair", "guided")
 GUIDED = "guided"  # weakly supervised counterfactuals (pipeline.guided): needs a class-conditional model
@@ -498,7 +498,7 @@ def score_split(dataset_dir: str | os.PathLike, split: dict, preprocess: Preproc
     index_settings = {**settings.to_dict(), "threshold": threshold, "model_path": None if baseline else str(model_path),
                       "noise": repr(noise_generator), "prediction_type": str(scheduler.prediction_type),
                       "preprocess": preprocess.to_dict(), "calibration": calibration.to_dict()}
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     jobs = [(section, by_subject[name]) for section in sections for name in split[section]]
     score = dict(preprocess=preprocess, model=model, scheduler=scheduler, noise_generator=noise_generator,
                  settings=settings, device=device, calibration=calibration, flair_index=flair_index,
@@ -535,13 +535,6 @@ def _write_scores(folder: Path, jobs: list[tuple[str, dict]], index_settings: di
     if calibration.stats is not None:
         np.savez(folder / "calibration.npz", **calibration.stats.to_arrays())
     write_json(folder / "index.json", {"format": INDEX_FORMAT, "settings": index_settings, "subjects": subjects})
-
-
-def _rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (1 outside ``torchrun``)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:

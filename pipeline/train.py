@@ -291,11 +291,16 @@ class StopAtStep:
 # handlers
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel (or any ``.module``) wrapper."""
+    return module.module if hasattr(module, "module") else module
+
+
 def ema_model(network: torch.nn.Module, decay: float = 0.999) -> AveragedModel:
     """Exponential moving average of the weights (what inference uses)."""
     if not 0 < decay < 1:
         raise InputError("ema_decay", f"must be in (0, 1), got {decay}")
-    module = network.module if hasattr(network, "module") else network
+    module = unwrap(network)
     return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
@@ -309,7 +314,7 @@ class EMAUpdater:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        self.ema.update_parameters(self.network.module if hasattr(self.network, "module") else self.network)
+        self.ema.update_parameters(unwrap(self.network))
 
 
 class TrainProgress:
@@ -370,7 +375,8 @@ def load_state(module, state: dict, source: str | os.PathLike) -> None:
 # crash-consistent checkpoints
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (1 outside ``torchrun``)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -378,7 +384,7 @@ def _rank_and_world() -> tuple[int, int]:
 
 def _from_rank_zero(value):
     """Rank 0's ``value`` on every rank (collective), so all ranks act on one view of the folder."""
-    if _rank_and_world()[1] == 1:
+    if rank_and_world()[1] == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -387,7 +393,7 @@ def _from_rank_zero(value):
 
 def _gather(value) -> list:
     """Every rank's ``value`` in rank order (collective: all ranks call it, rank 0 writes the result)."""
-    world = _rank_and_world()[1]
+    world = rank_and_world()[1]
     if world == 1:
         return [value]
     out = [None] * world
@@ -431,7 +437,7 @@ class GlobalRNG:
         return {"ranks": _gather(rng_state())}
 
     def load_state_dict(self, state: Mapping) -> None:
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         ranks = state["ranks"]
         if len(ranks) != world:
             warnings.warn(f"the checkpoint holds the RNG states of {len(ranks)} processes and this run has {world}: "
@@ -456,7 +462,7 @@ class KillSafeSaver(DiskSaver):
             func(checkpoint, tmp, **self.kwargs)
 
     def remove(self, filename: str) -> None:
-        if _rank_and_world()[0] == self.save_on_rank:
+        if rank_and_world()[0] == self.save_on_rank:
             (self.dirname / filename).unlink(missing_ok=True)
 
 
@@ -544,7 +550,7 @@ class AtomicCheckpoint:
 
     def start(self, engine: Engine) -> None:
         """Remove a dead writer's temps, then continue where the newest checkpoint left off."""
-        if _rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0:
             for path in remove_orphans(self.ckpt_dir):
                 engine.logger.info(f"removed {path}, left by a writer that was killed")
         if not self.resume:
@@ -560,7 +566,7 @@ class AtomicCheckpoint:
         """Rotate the files the folder holds now (the list of a killed run is stale); extras beyond
         ``n_saved`` go at once."""
         keep = files[-self.n_saved:] if self.n_saved else files
-        if _rank_and_world()[0] == 0:
+        if rank_and_world()[0] == 0:
             for path in files[:len(files) - len(keep)]:
                 path.unlink(missing_ok=True)
         self.checkpoint.load_state_dict({"_saved": [(checkpoint_step(p), p.name) for p in keep]})
@@ -587,7 +593,7 @@ def save_model(path: str | os.PathLike, module: torch.nn.Module, card: dict | No
     training run's bundle settings) also its model card (:mod:`pipeline.model_card`)."""
     from .model_card import write_card
 
-    module = module.module if hasattr(module, "module") else module
+    module = unwrap(module)
     if card is not None:
         write_card(path, card)  # first: a model.pt never exists without the card that describes it
     with atomic_path(path) as tmp:

@@ -252,7 +252,7 @@ def test_hidden_dataset_holds_no_test_labels(hidden):
     assert len(test) == 3 and meta["hiddenTestLabels"] is True
     assert meta["test"] == [f"./imagesTs/{s}.nii.gz" for s in test] and meta["numTest"] == 3
     assert "seed" not in meta["synthetic"] and not set(test) & set(meta["synthetic"]["healthy"])
-    in_dataset = sorted(str(p.relative_to(task)) for p in task.rglob(f"*") if p.name.split(".")[0] in test)
+    in_dataset = sorted(str(p.relative_to(task)) for p in task.rglob("*") if p.name.split(".")[0] in test)
     assert in_dataset == [f"imagesTs/{s}.nii.gz" for s in test], "test subjects appear only as images"
     assert sorted(p.name for p in (truth / "labelsTs").iterdir()) == [f"{s}.nii.gz" for s in test]
     assert json.loads((truth / "synthetic.json").read_text())["seed"] == 5

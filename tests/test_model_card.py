@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.model_card import ENFORCED, apply_card, card_path, check_card, read_card, write_card
+from pipeline.model_card import ENFORCED, apply_card, card_path, check_card, read_card
 from pipeline.train import diffusion_unet, save_model
 
 TRAINED = {"noise": "simplex", "simplex_octaves": 6, "simplex_persistence": 0.8, "simplex_feature_size": None,

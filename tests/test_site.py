@@ -11,7 +11,6 @@ name and code version (``append_row`` itself refuses such names).
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import time
 import uuid
