@@ -30,13 +30,15 @@ from .registry import protocol_hash, split_fingerprint
 
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
 MATRIX_KEYS = ("noise", "coarse_resolution", "prediction_type", "schedule", "learning_rate", "batch_size", "train_steps", "ema_decay",
-               "train_patch_size", "sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "residual_norm",
-               "median_3d", "min_component_voxels", "seed")
-SCORE_KEYS = ("sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "score_batch_size", "map_reduce",
-              "residual_norm", "erode_iters", "median_size", "median_3d", "min_component_voxels", "component_quantile")
+               "train_patch_size", "condition_dropout", "sampler", "t_start", "ddim_steps", "n_draws", "patch_size",
+               "guidance_scale", "residual_norm", "median_3d", "min_component_voxels", "seed")
+SCORE_KEYS = ("sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "guidance_scale", "score_batch_size",
+              "map_reduce", "residual_norm", "erode_iters", "median_size", "median_3d", "min_component_voxels",
+              "component_quantile")
 """Bundle settings that change only how a trained model scores: entries differing only in these share a model."""
 ENTRY_KEYS = ("name", "id")
 BASELINE = "flair"
+GUIDED = "guided"
 PACKAGES = ("torch", "monai", "numpy", "nibabel", "scikit-learn", "pandas", "opensimplex", "numba",
             "pytorch-ignite", "brain-diffusion-anomaly")
 
@@ -116,7 +118,7 @@ def expand_methods(protocol: dict) -> list[dict]:
 
 SHORT_NAMES = {"t_start": "t", "ddim_steps": "k", "n_draws": "d", "seed": "s", "learning_rate": "lr",
                "batch_size": "b", "train_steps": "n", "patch_size": "p", "train_patch_size": "tp", "median_3d": "m3d",
-               "min_component_voxels": "cc", "ema_decay": "ema"}
+               "min_component_voxels": "cc", "ema_decay": "ema", "guidance_scale": "w", "condition_dropout": "cd"}
 
 
 def _entry_id(entry: dict, varying: dict) -> str:
@@ -133,6 +135,23 @@ def _entry_id(entry: dict, varying: dict) -> str:
 
 def is_baseline(entry: dict) -> bool:
     return entry.get("sampler") == BASELINE
+
+
+def entry_workflows(entry: dict) -> tuple[str, str]:
+    """(train, inference) bundle workflows of an entry: guided counterfactuals have their own overlays
+    (a class-conditional UNet trained with slice labels, scored by DDIM inversion and guided decoding)."""
+    return ("train_guided", "inference_guided") if entry.get("sampler") == GUIDED else ("train", "inference")
+
+
+def model_folder(results: Path, entry: dict, train: dict) -> Path:
+    """Where an entry's model lives: one folder per distinct training (settings and workflow).
+
+    The plain workflow is left out of the hash, so models trained before guided entries existed are reused.
+    """
+    if is_baseline(entry):
+        return results / "models" / "none"
+    workflow = entry_workflows(entry)[0]
+    return results / "models" / config_hash(train if workflow == "train" else {**train, "workflow": workflow})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,14 +239,16 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
     shared = {"dataset_dir": str(dataset_root), "split_file": str(results / "split.json"),
               "cache_dir": str(results / "cache"), "split_seed": split.get("seed", 0), "progress": progress}
     train = entry_train_settings(protocol, entry)
-    model_dir = results / "models" / ("none" if is_baseline(entry) else config_hash(train))
-    train_seconds = 0.0 if is_baseline(entry) else _train_once(model_dir, train, shared, run_dir, trust_expressions)
+    train_workflow, inference_workflow = entry_workflows(entry)
+    model_dir = model_folder(results, entry, train)
+    train_seconds = 0.0 if is_baseline(entry) else _train_once(model_dir, train_workflow, train, shared,
+                                                               trust_expressions)
     score = entry_score_settings(protocol, entry)
     settings = {**train, **score, **shared, "output_dir": str(run_dir), "ckpt_dir": str(model_dir),
                 "scores_dir": str(run_dir / "scores"), "evaluation_dir": str(run_dir / "evaluation"),
                 "method_name": entry["id"], "bootstrap_resamples": protocol.get("evaluation", {}).get("bootstrap_resamples", 1000)}
     start = time.perf_counter()
-    run_bundle("inference", trust_expressions=trust_expressions, **settings)
+    run_bundle(inference_workflow, trust_expressions=trust_expressions, **settings)
     inference_seconds = time.perf_counter() - start
     run_bundle("evaluate", trust_expressions=trust_expressions, **settings)
     env = environment()
@@ -255,16 +276,16 @@ def _supervision(run_dir: Path) -> str:
     return index.get("settings", {}).get("supervision", "unsupervised")
 
 
-def _train_once(model_dir: Path, train: dict, shared: dict, run_dir: Path, trust_expressions: bool = False) -> float:
-    """Train unless ``model_dir`` already holds a finished model; return the training seconds."""
+def _train_once(model_dir: Path, workflow: str, train: dict, shared: dict, trust_expressions: bool = False) -> float:
+    """Train (bundle ``workflow``) unless ``model_dir`` already holds a finished model; return the training seconds."""
     record = model_dir / "train.json"
     if (model_dir / "model.pt").is_file() and record.is_file():
         return json.loads(record.read_text())["seconds"]
     start = time.perf_counter()
-    run_bundle("train", **train, **shared, output_dir=str(model_dir), ckpt_dir=str(model_dir),
+    run_bundle(workflow, **train, **shared, output_dir=str(model_dir), ckpt_dir=str(model_dir),
                trust_expressions=trust_expressions)
     seconds = time.perf_counter() - start
-    write_json(record, {"seconds": round(seconds, 3), "settings": train})
+    write_json(record, {"seconds": round(seconds, 3), "workflow": workflow, "settings": train})
     return seconds
 
 
