@@ -18,7 +18,8 @@ from pathlib import Path
 from common import machine, timer
 from torch.utils.data import DataLoader
 
-from pipeline.data import PreprocessConfig, SliceDataset, build_slice_cache, load_subjects
+from pipeline.data import PreprocessConfig, load_subjects
+from pipeline.slice_cache import SliceDataset, build_slice_cache
 from pipeline.synth import generate_dataset
 
 

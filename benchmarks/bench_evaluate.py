@@ -41,10 +41,11 @@ def rss_mb() -> float:
 
 def make_dataset(root: Path, subjects: int, spacing: float) -> list[dict]:
     """The synthetic dataset (generated once per work folder) and its subjects."""
+    from pipeline.common import TASK
     from pipeline.data import load_subjects
     from pipeline.synth import generate_dataset
 
-    if not (root / "Task01_BrainTumour" / "dataset.json").is_file():
+    if not (root / TASK / "dataset.json").is_file():
         healthy = max(1, subjects // 4)
         generate_dataset(root, n_healthy=healthy, n_tumour=subjects - healthy, seed=0, spacing=spacing,
                          workers=os.cpu_count() or 2, progress=False)

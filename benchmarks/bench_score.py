@@ -28,9 +28,10 @@ from common import machine
 
 from pipeline.benchmark import entry_score_settings, entry_train_settings, config_hash, expand_methods, is_baseline, load_protocol
 from pipeline.bundle import make_workflow
-from pipeline.data import load_subjects, preprocess_transforms
+from pipeline.data import load_subjects
 from pipeline.pooled import ScoreAccumulator
-from pipeline.score import load_model, noise_streams, reconstruct, score_subject
+from pipeline.score import Scorer, load_model, noise_streams, reconstruct, score_subject
+from pipeline.transforms import preprocess_transforms
 
 
 def _workflow(protocol: dict, results: Path):
@@ -80,12 +81,13 @@ def main() -> None:
     rows = {}
     for name, setting, calls in settings:
         setting = dataclasses.replace(setting, residual_norm="none", min_component_voxels=0)
+        scorer = Scorer(model, scheduler, noise, setting, preprocess, device)
         acc, seconds, recon_seconds = ScoreAccumulator(), [], []
         for item in subjects:
             start = time.perf_counter()
-            result = score_subject(item, transform, model, scheduler, noise, setting, device)
+            result = score_subject(item, transform, scorer)
             seconds.append(time.perf_counter() - start)
-            recon_seconds.append(_reconstruction_seconds(model, result.grid, scheduler, noise, setting, item["subject"]))
+            recon_seconds.append(_reconstruction_seconds(scorer, result.grid, item["subject"]))
             label = np.asarray(nib.load(item["label"]).dataobj) > 0
             brain = (np.asarray(nib.load(item["image"]).dataobj) != 0).any(axis=-1)
             acc.add(item["subject"], result.score[brain], label[brain])
@@ -102,14 +104,14 @@ def main() -> None:
                         str(args.metric_voxels)], check=True)
 
 
-def _reconstruction_seconds(model, grid: dict, scheduler, noise, setting, subject: str) -> float:
+def _reconstruction_seconds(scorer: Scorer, grid: dict, subject: str) -> float:
     """Time of the sampler alone on the subject's brain slices (one batch per ``score_batch_size``)."""
     z = np.nonzero(grid["brain"][0].any(axis=(0, 1)))[0]
     x_all = torch.from_numpy(np.moveaxis(grid["image"][..., z], -1, 0).copy()).float()
-    streams = noise_streams(noise, subject, setting)
+    streams, batch = noise_streams(scorer, subject), scorer.settings.batch_size
     start = time.perf_counter()
-    for i in range(0, len(x_all), setting.batch_size):
-        reconstruct(model, x_all[i:i + setting.batch_size], scheduler, streams, setting)
+    for i in range(0, len(x_all), batch):
+        reconstruct(scorer, x_all[i:i + batch].to(scorer.device), streams)
     return time.perf_counter() - start
 
 

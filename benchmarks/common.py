@@ -30,8 +30,9 @@ def machine() -> str:
 
 
 def scratch_dataset(root: Path, n_healthy: int, n_tumour: int, spacing: float, seed: int = 0) -> Path:
+    from pipeline.common import TASK
     from pipeline.synth import generate_dataset
 
-    if not (root / "Task01_BrainTumour" / "dataset.json").is_file():
+    if not (root / TASK / "dataset.json").is_file():
         generate_dataset(root, n_healthy=n_healthy, n_tumour=n_tumour, seed=seed, spacing=spacing, progress=False)
     return root

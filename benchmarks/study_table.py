@@ -10,8 +10,9 @@ so run it only on folders the benchmark wrote.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from pipeline.common import BASELINE, read_json
 
 SETTINGS = ("prediction_type", "noise", "modalities", "learning_rate", "lr_final_fraction", "train_steps",
             "train_patch_size", "sampler", "t_start", "ddim_steps", "patch_size", "residual_norm", "median_3d",
@@ -29,9 +30,9 @@ def _fmt(value, digits=3) -> str:
 
 
 def row(run_dir: Path) -> dict:
-    config = json.loads((run_dir / "config.json").read_text())
-    metrics = json.loads((run_dir / "evaluation" / "metrics.json").read_text())
-    timings = json.loads((run_dir / "run.json").read_text())["timings"]
+    config = read_json(run_dir / "config.json", "run config")
+    metrics = read_json(run_dir / "evaluation" / "metrics.json", "metrics")
+    timings = read_json(run_dir / "run.json", "run record")["timings"]
     section = "test" if metrics.get("test") else "validation"
     m = metrics[section]
     recon = m.get("reconstruction") or {}
@@ -58,7 +59,7 @@ def markdown(rows: list[dict]) -> str:
                  _fmt(r["auprc"]), _fmt(r["auroc"]), _fmt(r["dice"]), _fmt(r["subject_auroc"]),
                  _fmt(r["healthy_residual"], 4), _fmt(r["residual_ratio"], 2), _fmt(r["psnr"], 1),
                  _fmt(r["ssim"]), f"{r['train_s']:.0f}", f"{r['score_s']:.0f}"]
-        if r["sampler"] == "flair":
+        if r["sampler"] == BASELINE:
             cells[1:11] = ["-"] * 3 + ["-", "flair"] + ["-"] * 5
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

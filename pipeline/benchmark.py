@@ -24,8 +24,10 @@ import yaml
 from . import __version__
 from .atomic import write_json
 from .bundle import check_plain_settings, run_bundle
+from .common import BASELINE, read_json
 from .data import dataset_fingerprint, task_paths
 from .errors import InputError
+from .maps import read_index
 from .registry import protocol_hash, split_fingerprint
 
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
@@ -37,7 +39,6 @@ SCORE_KEYS = ("sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "guid
               "component_quantile")
 """Bundle settings that change only how a trained model scores: entries differing only in these share a model."""
 ENTRY_KEYS = ("name", "id")
-BASELINE = "flair"
 GUIDED = "guided"
 PACKAGES = ("torch", "monai", "numpy", "nibabel", "scikit-learn", "pandas", "opensimplex", "numba",
             "pytorch-ignite", "brain-diffusion-anomaly")
@@ -260,7 +261,7 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
         "protocol": {"id": protocol["id"], "hash": protocol["hash"], "path": protocol["path"]},
         "dataset": {"dir": str(dataset_root), "fingerprint": dataset_fingerprint(dataset_root)},
         "split": {"file": shared["split_file"],
-                  "fingerprint": split_fingerprint(json.loads(Path(shared["split_file"]).read_text()))},
+                  "fingerprint": split_fingerprint(read_json(shared["split_file"], "split file"))},
         "supervision": _supervision(run_dir),
         "config_hash": config_hash(hashed), "seed": entry["seed"], "code_version": env["code_version"],
         "hardware": env["hardware"],
@@ -272,7 +273,7 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
 
 def _supervision(run_dir: Path) -> str:
     """What the scored method learnt from, as the score stage recorded it (older indexes: unsupervised)."""
-    index = json.loads((run_dir / "scores" / "index.json").read_text())
+    index = read_index(run_dir / "scores")
     return index.get("settings", {}).get("supervision", "unsupervised")
 
 
@@ -280,7 +281,7 @@ def _train_once(model_dir: Path, workflow: str, train: dict, shared: dict, trust
     """Train (bundle ``workflow``) unless ``model_dir`` already holds a finished model; return the training seconds."""
     record = model_dir / "train.json"
     if (model_dir / "model.pt").is_file() and record.is_file():
-        return json.loads(record.read_text())["seconds"]
+        return read_json(record, "training record")["seconds"]
     start = time.perf_counter()
     run_bundle(workflow, **train, **shared, output_dir=str(model_dir), ckpt_dir=str(model_dir),
                trust_expressions=trust_expressions)
@@ -304,7 +305,8 @@ def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLi
     runs, binding = [], None
     for i, entry in enumerate(entries, 1):
         done = (results / "runs" / entry["id"] / "run.json").is_file()
-        print(f"[{i}/{len(entries)}] {entry['id']}: {'already done' if done else 'running'}", flush=True)
+        if progress:
+            print(f"[{i}/{len(entries)}] {entry['id']}: {'already done' if done else 'running'}", flush=True)
         run_dir = run_entry(protocol, entry, results, dataset_root, progress, trust_expressions)
         runs.append(run_dir)
         if leaderboard is not None and not done and not validation_only(protocol):
@@ -314,7 +316,9 @@ def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLi
     if leaderboard is not None and not validation_only(protocol) and Path(leaderboard).is_file():
         from .site import build_site
 
-        print(f"leaderboard site: {build_site(leaderboard)}", flush=True)
+        site = build_site(leaderboard)
+        if progress:
+            print(f"leaderboard site: {site}", flush=True)
     return runs
 
 

@@ -34,13 +34,14 @@ def _cmd_synth(args) -> None:
 
 
 def _cmd_prepare(args) -> None:
+    from .common import SECTIONS
     from .data import PreprocessConfig, prepare_data
 
     cfg = PreprocessConfig(modalities=args.modalities, image_size=args.image_size,
                            pixdim=(args.spacing,) * 3, min_brain_fraction=args.min_brain_fraction)
     prepared = prepare_data(args.dataset_dir, args.split_file, args.cache_dir, cfg, split_seed=args.split_seed,
                             workers=args.workers, progress=not args.quiet)
-    counts = {s: len(prepared.split[s]) for s in ("train", "validation", "test")}
+    counts = {s: len(prepared.split[s]) for s in SECTIONS}
     print(f"split {args.split_file}: {counts}; healthy-slice cache {prepared.cache_dir}")
 
 
@@ -118,14 +119,14 @@ def _config_getter(workflow: str, overrides: dict):
 
 def _bundle_summary(workflow: str, get) -> str:
     """The one line a bundle subcommand ends with: what it wrote, and where."""
-    import json
+    from .common import read_json
 
     if workflow == "train":
         return f"trained model {get('model_path')}"
     if workflow == "inference":
-        index = json.loads((Path(get("scores_dir")) / "index.json").read_text())
+        index = read_json(Path(get("scores_dir")) / "index.json", "scores index")
         return f"scored {len(index['subjects'])} subjects into {get('scores_dir')}"
-    metrics = json.loads((Path(get("evaluation_dir")) / "metrics.json").read_text())
+    metrics = read_json(Path(get("evaluation_dir")) / "metrics.json", "metrics")
     section = "test" if metrics.get("test") else "validation"
     figures = metrics[section]
     labels = {"auroc": "AUROC", "auprc": "AUPRC", "dice": "Dice"}

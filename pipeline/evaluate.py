@@ -29,15 +29,16 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .atomic import atomic_dir, atomic_path, write_json
+from .atomic import atomic_dir, write_json
+from .common import BASELINE, save_nifti
 from .data import has_hidden_label, load_subjects
 from .errors import InputError
 from .layout import HIDDEN_TEST_KEY, ground_truth_label
+from .maps import read_index
 from .metrics import (SUBJECT_SCORE_PERCENTILE, auroc, reconstruction_figures, slice_labels, slice_scores,
                       subject_detection_auroc, subject_score, voxel_volume_ml)
 from .pooled import ScoreAccumulator
 from .report import write_report
-from .score import read_index
 
 
 def _read(path: Path, what: str, read: Callable[[nib.Nifti1Image], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -333,7 +334,7 @@ def _reconstruction(index: dict, scores_dir: Path, section: str) -> dict:
 
 def describe_method(settings: dict) -> str:
     """A readable method name from the scoring settings (used when none is given)."""
-    if settings.get("sampler") == "flair":
+    if settings.get("sampler") == BASELINE:
         return "FLAIR-intensity baseline"
     noise = settings.get("noise", "")
     kind = "simplex" if "simplex" in noise else "gaussian" if "gaussian" in noise else "?"
@@ -378,7 +379,5 @@ def _slice_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 def write_mask(folder: Path, name: str, data: dict, threshold: float) -> None:
     """Binary mask (``score > threshold`` in the brain) in the original space, with the map's affine."""
-    folder.mkdir(parents=True, exist_ok=True)
-    mask = nib.Nifti1Image(((data["score"] > threshold) & data["brain"]).astype(np.uint8), data["affine"])
-    with atomic_path(folder / f"{name}_mask.nii.gz", suffix=".nii.gz") as tmp:
-        nib.save(mask, str(tmp))
+    save_nifti(folder / f"{name}_mask.nii.gz", ((data["score"] > threshold) & data["brain"]).astype(np.uint8),
+               data["affine"])

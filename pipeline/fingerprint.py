@@ -14,13 +14,13 @@ else ``~/.cache/brain-diffusion-anomaly``) as ``sha256.json``, written atomicall
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 from filelock import FileLock
 
 from .atomic import write_json
+from .common import read_optional_json
 
 BLOCK = 1 << 20
 CACHE_NAME = "sha256.json"
@@ -48,19 +48,11 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _read_cache(path: Path) -> dict:
-    try:
-        cache = json.loads(path.read_text())
-        return cache if isinstance(cache, dict) else {}
-    except (OSError, ValueError):
-        return {}  # a missing or damaged cache only costs a re-hash
-
-
 def sha256_files(paths) -> dict[str, str]:
     """{resolved path: SHA-256} for existing files; unchanged files come from the cache."""
     paths = [Path(p).resolve() for p in paths]
     folder = cache_dir()
-    cache = _read_cache(folder / CACHE_NAME)
+    cache = read_optional_json(folder / CACHE_NAME) or {}  # a missing or damaged cache only costs a re-hash
     out, fresh = {}, {}
     for path in paths:
         if not path.is_file():
@@ -81,7 +73,7 @@ def _store(folder: Path, fresh: dict) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder / (CACHE_NAME + ".lock")), timeout=60):
-            cache = _read_cache(folder / CACHE_NAME)
+            cache = read_optional_json(folder / CACHE_NAME) or {}
             cache.update(fresh)
             write_json(folder / CACHE_NAME, cache, indent=None)
     except OSError:

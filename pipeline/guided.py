@@ -13,13 +13,18 @@ Timesteps follow :mod:`pipeline.samplers` (MONAI indexing, ``alphas_cumprod[t]``
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from monai.inferers import DiffusionInferer
 
 from .errors import InputError
-from .samplers import _ddim_from, ddim_timesteps, predict_x0_eps, timesteps_like
+from .noise import NoiseGenerator
+from .samplers import Model, _ddim_from, ddim_timesteps, predict_x0_eps, timesteps_like
 from .train import NoisePrepareBatch
+
+if TYPE_CHECKING:  # score.py registers this module's sampler: the settings are only named here
+    from .score import ScoreSettings
 
 HEALTHY, TUMOUR, NULL = 0, 1, 2
 NUM_CLASSES = 3  # healthy, tumour and the null (empty) condition
@@ -76,6 +81,7 @@ class ClassConditionalInferer(DiffusionInferer):
 def ddim_invert(model, x0: torch.Tensor, t_start: int, steps: int, scheduler, labels: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM inversion (eta = 0): encode clean slices up to ``t_start`` in ``steps`` calls.
 
+    Hand-written: ``DDIMScheduler.reversed_step`` strides over the whole schedule, not up to ``t_L``.
     The mirror of DDIM decoding over the same timesteps (``ddim_timesteps`` ascending): each step
     predicts (x0, eps) at the current level and re-noises them to the next one. The network is
     evaluated at the level it comes from (step 0 for the clean input, whose x0 is known exactly), so
@@ -114,10 +120,11 @@ def guided_ddim_decode(model, x_t: torch.Tensor, t_start: int, steps: int, sched
 
 
 @torch.inference_mode()
-def guided_reconstruct(model, x0: torch.Tensor, t_start: int, scheduler, steps: int = 10,
-                       guidance_scale: float = 3.0) -> torch.Tensor:
+def guided_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler, noise_generator: NoiseGenerator,
+                       settings: ScoreSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """Healthy counterfactual (Sanchez et al. 2022): DDIM inversion with the null condition, then
-    DDIM decoding guided towards healthy. Deterministic: no noise is drawn.
+    DDIM decoding guided towards healthy, ``settings.ddim_steps`` calls each way with guidance scale
+    ``settings.guidance_scale``. The samplers' common signature; deterministic: no noise is drawn.
 
     An x0-predicting model is refused: its implied eps, (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar), amplifies
     its error by up to 1/sqrt(1 - abar_0) = 100 near the clean end, and the inversion does not come back.
@@ -126,5 +133,5 @@ def guided_reconstruct(model, x0: torch.Tensor, t_start: int, scheduler, steps: 
         raise InputError("prediction_type", "the guided sampler needs a model trained to predict epsilon or v "
                                             "(DDIM inversion of an x0-predicting model does not return the input); "
                                             "train with the train_guided workflow (prediction_type: epsilon)")
-    latent = ddim_invert(model, x0, t_start, steps, scheduler, labels_like(NULL, x0))
-    return guided_ddim_decode(model, latent, t_start, steps, scheduler, guidance_scale)
+    latent = ddim_invert(model, x0, t_start, settings.ddim_steps, scheduler, labels_like(NULL, x0))
+    return guided_ddim_decode(model, latent, t_start, settings.ddim_steps, scheduler, settings.guidance_scale)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
-import json
 import math
 import numbers
 import re
@@ -60,7 +59,8 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path, write_json
-from .registry import bound_protocol, check_provenance, field, locked, read_json, registry_path
+from .common import is_int, is_real, read_json, read_optional_json
+from .registry import bound_protocol, check_provenance, field, locked, registry_path
 from .errors import InputError
 from .metrics import METRICS, pixel_metrics
 
@@ -141,7 +141,7 @@ def _check_text(column: str, value, source) -> str:
 def _check_number(column: str, value, source):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not is_real(value):
         raise InputError(source, f"{column} must be a finite number, got {value!r}")
     return value
 
@@ -240,7 +240,7 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
            "run_dir": str(run_dir), "supervision": field(run, "supervision", run_json)}
     if row["supervision"] not in SUPERVISION:
         raise InputError(run_json, f"supervision {row['supervision']!r} is not one of {', '.join(SUPERVISION)}")
-    if isinstance(row["seed"], bool) or not isinstance(row["seed"], numbers.Integral):
+    if not is_int(row["seed"]):
         raise InputError(run_json, f"seed must be an integer, got {row['seed']!r}")
     for column, value in row.items():  # fail before the expensive part
         _cell(column, value, run_json)
@@ -373,10 +373,7 @@ def read_leaderboard(csv_path) -> pd.DataFrame:
 def _load_subjects(folder: Path, row_id: str) -> dict | None:
     if not ROW_ID_PATTERN.fullmatch(str(row_id)):
         return None
-    try:
-        return json.loads((folder / f"{row_id}.json").read_text())["subjects"]
-    except (OSError, ValueError, KeyError):
-        return None
+    return (read_optional_json(folder / f"{row_id}.json") or {}).get("subjects")
 
 
 def paired_wilcoxon(a: dict, b: dict, metric: str) -> tuple[float, float, int]:

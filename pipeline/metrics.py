@@ -36,12 +36,12 @@ The building blocks (:func:`check_pair`, :func:`sort_split`, :func:`exact_scan`,
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from .common import is_int, is_real
 from .errors import InputError
 
 CHUNK = 1 << 22
@@ -93,13 +93,13 @@ def _as_labels(arr: np.ndarray) -> np.ndarray:
 
 def check_threshold(threshold) -> float:
     """A real, non-NaN threshold as a Python float (compared as NumPy compares a float to the scores)."""
-    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool) or math.isnan(threshold):
+    if not is_real(threshold, finite=False) or math.isnan(threshold):
         raise InputError("threshold", f"threshold must be a real number, got {threshold!r}")
     return float(threshold)
 
 
 def _check_percentile(percentile) -> None:
-    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 <= percentile <= 100:
+    if not is_real(percentile) or not 0 <= percentile <= 100:
         raise InputError("percentile", f"percentile must lie in [0, 100], got {percentile!r}")
 
 
@@ -296,7 +296,7 @@ def roc_pr_curves(scores, labels, max_points: int = 2000) -> dict[str, np.ndarra
 
 
 def _check_max_points(max_points) -> None:
-    if not isinstance(max_points, numbers.Integral) or max_points < 2:
+    if not is_int(max_points) or max_points < 2:
         raise InputError("max_points", f"max_points must be an integer >= 2, got {max_points!r}")
 
 
@@ -416,7 +416,7 @@ def false_positive_ml(score, brain, threshold, affine) -> float:
 
 def _recon_number(record, key: str, source):
     value = record.get(key) if isinstance(record, Mapping) else None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real(value, finite=False):
         raise InputError(source, f"reconstruction record needs a number {key!r}, got {value!r}")
     return value
 

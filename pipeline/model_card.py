@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from .atomic import write_json
+from .common import read_json
 from .errors import InputError
 
 CARD_FORMAT = 1
@@ -76,10 +77,7 @@ def read_card(model_path: str | os.PathLike) -> dict | None:
     path = card_path(model_path)
     if not path.is_file():
         return None
-    try:
-        card = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(path, f"unreadable model card ({err})") from None
+    card = read_json(path, "model card")
     if not isinstance(card, dict) or not isinstance(card.get("settings"), dict):
         raise InputError(path, "not a model card (needs a 'settings' mapping)")
     return card["settings"]

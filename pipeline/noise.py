@@ -34,13 +34,12 @@ Draws run on the CPU (torch generator for Gaussian and for the simplex offsets) 
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 
 import numpy as np
 import opensimplex
 import torch
 
+from .common import is_int, is_real
 from .errors import InputError
 
 NOISE_TYPES = ("gaussian", "simplex", "coarse")
@@ -58,25 +57,17 @@ def _check_type(noise_type) -> str:
     return noise_type
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_params(octaves, persistence, feature_size, image_size, seed) -> None:
     """Reject settings that would give silent nonsense (NaN planes, no octaves, growing octaves)."""
-    if not _is_int(octaves) or octaves < 1:
+    if not is_int(octaves) or octaves < 1:
         raise InputError("noise", f"octaves must be an integer >= 1, got {octaves!r}")
-    if not _is_real(persistence) or not 0 < persistence <= 1:
+    if not is_real(persistence) or not 0 < persistence <= 1:
         raise InputError("noise", f"persistence must be in (0, 1], got {persistence!r}")
-    if feature_size is not None and (not _is_real(feature_size) or feature_size <= 0):
+    if feature_size is not None and (not is_real(feature_size) or feature_size <= 0):
         raise InputError("noise", f"feature_size must be > 0, got {feature_size!r}")
-    if not _is_real(image_size) or image_size <= 0:
+    if not is_real(image_size) or image_size <= 0:
         raise InputError("noise", f"image_size must be > 0, got {image_size!r}")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise InputError("noise", f"seed must be an integer, got {seed!r}")
 
 
@@ -86,7 +77,7 @@ def default_coarse_resolution(image_size: float) -> int:
 
 
 def _check_coarse(coarse_resolution) -> None:
-    if coarse_resolution is not None and (not _is_int(coarse_resolution) or coarse_resolution < 1):
+    if coarse_resolution is not None and (not is_int(coarse_resolution) or coarse_resolution < 1):
         raise InputError("noise", f"coarse_resolution must be an integer >= 1, got {coarse_resolution!r}")
 
 
@@ -127,7 +118,7 @@ def simplex_noise_2d(height, width, octaves, persistence, feature_size, z_offset
     The reference for a single plane; the batched path in :class:`NoiseGenerator` gives the same
     values for the same offsets.
     """
-    if not (_is_int(height) and _is_int(width)) or min(height, width) < 1:
+    if not (is_int(height) and is_int(width)) or min(height, width) < 1:
         raise InputError("noise", f"plane size must be positive integers, got {height}x{width}")
     _check_params(octaves, persistence, feature_size, max(height, width), seed)
     plane = _octave_sum(height, width, [z_offset], octaves, persistence, feature_size, seed, xy_offset)

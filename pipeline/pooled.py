@@ -13,12 +13,12 @@ AUROC / AUPRC therefore use binned scores; Dice replicates and all point estimat
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from .common import is_int, is_real
 from .errors import InputError
 from .metrics import (METRICS, ExactScan, SortedSplit, check_pair, check_scores, check_threshold, dice_counts,
                       dice_from_counts, even_ranks, exact_scan, require_both_classes, sort_split, split_curves,
@@ -34,9 +34,9 @@ _BOOT_BATCH = 128  # bootstrap replicates evaluated together: (batch, bins) floa
 
 
 def _check_boot(n_boot, alpha) -> None:
-    if not isinstance(n_boot, numbers.Integral) or isinstance(n_boot, bool) or n_boot < 1:
+    if not is_int(n_boot) or n_boot < 1:
         raise InputError("n_boot", f"n_boot must be a positive integer, got {n_boot!r}")
-    if not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
+    if not is_real(alpha) or not 0 < alpha < 1:
         raise InputError("alpha", f"alpha must lie strictly between 0 and 1, got {alpha!r}")
 
 
@@ -253,7 +253,7 @@ class ScoreAccumulator:
 
     def histograms(self, n_bins: int = DEFAULT_BINS) -> BinnedScores:
         """Per-subject (positive, negative) histograms over shared quantile-spaced bins; cached."""
-        if not isinstance(n_bins, numbers.Integral) or n_bins < 2:
+        if not is_int(n_bins) or n_bins < 2:
             raise InputError("n_bins", f"n_bins must be an integer >= 2, got {n_bins!r}")
         key = ("hist", int(n_bins))
         if key not in self._cache:

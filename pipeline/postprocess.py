@@ -10,6 +10,7 @@ reads as "how unusual is this residual here" rather than "how large".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -18,6 +19,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # score.py imports this module: the settings are only named here
+    from .score import ScoreSettings
 
 RESIDUAL_NORMS = ("none", "position", "intensity")
 INTENSITY_BINS = np.linspace(0.0, 2.0, 41)
@@ -170,3 +174,28 @@ def _keys(mode: str, x: np.ndarray, shape: tuple) -> np.ndarray:
     if mode == "position":
         return np.broadcast_to(np.arange(h * w).reshape(1, 1, h, w), (n, c, h, w)).astype(np.int64)
     return np.digitize(x, INTENSITY_BINS).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# the steps in order (settings: pipeline.score.ScoreSettings)
+
+
+def map_from_residual(residual: torch.Tensor, x: torch.Tensor, brain: torch.Tensor, settings: ScoreSettings,
+                      stats: HealthyResidualStats | None = None) -> torch.Tensor:
+    """Per-channel residual (B, C, H, W) -> (B, 1, H, W) map: optional z-score against healthy
+    statistics, channel reduction, eroded-brain mask, 2D median filter. Zero outside the eroded brain."""
+    if stats is not None:
+        residual = stats.normalise(residual, x)
+    reduced = reduce_channels(residual, settings.reduce)
+    mask = erode(brain, settings.erode_iters)
+    return median_filter(reduced * mask, settings.median_size) * mask
+
+
+def postprocess_volume(volume: torch.Tensor, settings: ScoreSettings, component_threshold: float | None) -> torch.Tensor:
+    """3D steps on the (1, H, W, D) grid map: median over the volume, then removal of small components
+    above ``component_threshold`` (calibrated on healthy validation maps; None: no removal)."""
+    volume = median_filter_3d(volume, settings.median_3d)
+    if settings.min_component_voxels > 1 and component_threshold is not None:
+        volume = torch.from_numpy(remove_small_components(volume[0].numpy(), component_threshold,
+                                                          settings.min_component_voxels))[None]
+    return volume

@@ -19,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .atomic import write_json
+from .common import SECTIONS, read_json
 from .errors import InputError
 
 LOCK_TIMEOUT_S = 300
@@ -30,23 +31,14 @@ def _sha256(obj) -> str:
 
 def split_fingerprint(split: dict) -> str:
     """sha256 of the canonical JSON of the sorted train / validation / test subject lists."""
-    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in ("train", "validation", "test")):
+    if not isinstance(split, dict) or not all(isinstance(split.get(k), list) for k in SECTIONS):
         raise InputError("split", "needs lists 'train', 'validation' and 'test'")
-    return _sha256({k: sorted(split[k]) for k in ("train", "validation", "test")})
+    return _sha256({k: sorted(split[k]) for k in SECTIONS})
 
 
 def protocol_hash(protocol_content: dict) -> str:
     """sha256 of the protocol file's content as canonical JSON (sorted keys, compact; dates etc. as str)."""
     return _sha256(protocol_content)
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise InputError(path, f"{what} not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(path, f"malformed JSON ({err})") from None
 
 
 def field(record: dict, dotted: str, source: Path):
@@ -99,7 +91,7 @@ def protocol_record(binding: dict) -> dict:
         raise InputError("protocol", f"missing {', '.join(missing)}")
     if not isinstance(binding["id"], str) or not binding["id"].isprintable():
         raise InputError("protocol", f"id must be printable text, got {binding['id']!r}")
-    split = {k: sorted(binding["split"][k]) for k in ("train", "validation", "test")}
+    split = {k: sorted(binding["split"][k]) for k in SECTIONS}
     return {"id": binding["id"], "hash": binding["hash"], "content": binding["content"],
             "dataset_dir": str(Path(binding["dataset_dir"]).resolve()),
             "dataset_fingerprint": dataset_fingerprint(binding["dataset_dir"]),

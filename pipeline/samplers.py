@@ -1,16 +1,22 @@
 """Partial-diffusion samplers: one plain function per sampler (k-diffusion style).
 
-Each takes a batch of clean slices ``x0`` (B, C, H, W), noises it to ``t_start`` and returns the
-model's reconstruction. A model trained only on healthy slices "heals" what it has not seen.
+Every sampler has the signature ``fn(model, x0, t_start, scheduler, noise_generator, settings,
+generator=None)``: it takes a batch of clean slices ``x0`` (B, C, H, W), noises it to ``t_start``
+and returns the model's reconstruction. A model trained only on healthy slices "heals" what it has
+not seen. ``settings`` is the run's :class:`pipeline.score.ScoreSettings`; each sampler reads only
+its own fields (``ddim_steps``, ``patch_size``, ``guidance_scale``). ``generator`` drives the
+reverse-step noise of the ancestral sampler and is ignored by the deterministic ones.
 
 * :func:`ddpm_reconstruct` - ancestral DDPM over every step (the AnoDDPM protocol, ``t_start + 1``
   network calls).
-* :func:`ddim_reconstruct` - deterministic DDIM in ``steps`` calls.
+* :func:`ddim_reconstruct` - deterministic DDIM in ``ddim_steps`` calls.
 * :func:`x0_reconstruct` - the fast sampler: one network call per slice, the model's x0 prediction
   from ``x_t`` (what DDIM with one step computes).
 * :func:`patched_reconstruct` - patched noising (pDDPM, Behrendt et al. 2023): one patch at a
   time is noised while the rest of the slice stays clean as context; the reconstruction of each
   patch is stitched back together.
+* ``guided`` lives in :mod:`pipeline.guided` (it builds on the DDIM pieces here), so the name ->
+  function registry, ``pipeline.score.SAMPLERS``, sits in the module that imports both.
 
 Timesteps use MONAI's indexing: ``add_noise(x0, eps, t)`` gives ``x_t`` with ``alphas_cumprod[t]``
 and ``scheduler.step(..., t, ...)`` goes from ``x_t`` to ``x_{t-1}``, ``x_{-1}`` being the clean image.
@@ -18,12 +24,15 @@ and ``scheduler.step(..., t, ...)`` goes from ``x_t`` to ``x_{t-1}``, ``x_{-1}``
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .errors import InputError
 from .noise import NoiseGenerator
+
+if TYPE_CHECKING:  # score.py imports this module: the settings are only named here
+    from .score import ScoreSettings
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,7 +53,9 @@ def draw_noise(noise_generator: NoiseGenerator, x0: torch.Tensor) -> torch.Tenso
 def predict_x0_eps(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, eps_hat) from the network output, whichever target (epsilon, x0, v) it was trained on.
 
-    x0_hat is clipped like ``DDPMScheduler.step`` does, so all samplers treat the model alike.
+    Hand-written because MONAI's schedulers compute it only inside ``step``, while the fast sampler,
+    partial DDIM and DDIM inversion need it alone. x0_hat is clipped like ``DDPMScheduler.step``
+    does, so all samplers treat the model alike.
     """
     abar = float(scheduler.alphas_cumprod[t])
     a, s = abar**0.5, (1.0 - abar) ** 0.5
@@ -67,12 +78,14 @@ def predict_x0_eps(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: 
 
 @torch.inference_mode()
 def ddpm_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler, noise_generator: NoiseGenerator,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """AnoDDPM: noise to ``t_start``, then ancestral DDPM over every step ``t_start, ..., 0``.
+                     settings: ScoreSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """AnoDDPM (Wyatt et al. 2022): noise to ``t_start``, then ancestral DDPM over every step ``t_start, ..., 0``.
 
-    The forward noise comes from ``noise_generator`` (Gaussian or simplex); the variance noise of
-    each reverse step is Gaussian, drawn by ``scheduler.step`` from ``generator`` (seeded from the
-    noise generator's seed when not given), so runs repeat exactly on the same device.
+    Hand-written rather than MONAI's ``DiffusionInferer.sample``, which runs the scheduler's whole
+    timestep list from pure noise. The forward noise comes from ``noise_generator`` (Gaussian or
+    simplex); the variance noise of each reverse step is Gaussian, drawn by ``scheduler.step`` from
+    ``generator`` (seeded from the noise generator's seed when not given), so runs repeat exactly on
+    the same device.
     """
     if generator is None:
         generator = torch.Generator(device=x0.device).manual_seed(noise_generator.seed)
@@ -96,6 +109,8 @@ def _ddim_from(model: Model, x: torch.Tensor, ts: list[int], scheduler,
                keep: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from ``x`` at ``ts[0]`` down to the x0 prediction at ``ts[-1]``.
 
+    Hand-written because MONAI's ``DDIMScheduler`` spaces its timesteps over the whole schedule
+    from the last step, while partial diffusion starts at ``t_L`` (see :func:`ddim_timesteps`).
     ``keep(x, t)`` may overwrite part of the state before each network call (patched noising
     puts the clean context back at the current noise level).
     """
@@ -112,18 +127,19 @@ def _ddim_from(model: Model, x: torch.Tensor, ts: list[int], scheduler,
 
 @torch.inference_mode()
 def ddim_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler, noise_generator: NoiseGenerator,
-                     steps: int = 10) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from ``t_start`` to the clean image in ``steps`` evaluations.
+                     settings: ScoreSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eta = 0) from ``t_start`` to the clean image in ``settings.ddim_steps`` evaluations.
 
     Only the starting noise is random; with a perfect model the input comes back exactly.
     """
     x = noise_to(x0, t_start, scheduler, draw_noise(noise_generator, x0))
-    return _ddim_from(model, x, ddim_timesteps(t_start, steps), scheduler)
+    return _ddim_from(model, x, ddim_timesteps(t_start, settings.ddim_steps), scheduler)
 
 
 @torch.inference_mode()
-def x0_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler, noise_generator: NoiseGenerator) -> torch.Tensor:
-    """Fast sampler: noise to ``t_start`` and take the model's x0 prediction, one network evaluation."""
+def x0_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler, noise_generator: NoiseGenerator,
+                   settings: ScoreSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fast sampler (one-step DDIM): noise to ``t_start`` and take the model's x0 prediction, one network evaluation."""
     x = noise_to(x0, t_start, scheduler, draw_noise(noise_generator, x0))
     return predict_x0_eps(scheduler, model(x, timesteps_like(t_start, x)), x, int(t_start))[0]
 
@@ -161,16 +177,17 @@ def noise_patch(x0: torch.Tensor, noise: torch.Tensor, t: int, scheduler, mask: 
 
 @torch.inference_mode()
 def patched_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler, noise_generator: NoiseGenerator,
-                        steps: int = 1, patch_size: int = 16) -> torch.Tensor:
-    """pDDPM: for each patch of a tiling, noise only that patch to ``t_start`` (context stays clean),
-    denoise with DDIM in ``steps`` calls and keep the reconstruction inside the patch.
+                        settings: ScoreSettings, generator: torch.Generator | None = None) -> torch.Tensor:
+    """pDDPM (Behrendt et al. 2023): for each ``settings.patch_size`` patch of a tiling, noise only that
+    patch to ``t_start`` (context stays clean), denoise with DDIM in ``settings.ddim_steps`` calls and
+    keep the reconstruction inside the patch.
 
     All patches of all slices go through the network as one batch of ``B * P`` images. Between
     DDIM steps the context is reset to the clean input, as in training (see ``NoisePrepareBatch``).
     Where tiles overlap (a patch size that does not divide the image), reconstructions are averaged.
     """
     b, c, h, w = x0.shape
-    masks = patch_masks(h, w, int(patch_size), device=x0.device)  # (P, 1, H, W)
+    masks = patch_masks(h, w, int(settings.patch_size), device=x0.device)  # (P, 1, H, W)
     n = masks.shape[0]
     xs = x0.repeat_interleave(n, dim=0)  # (B * P, C, H, W): slice-major, patch-minor
     ms = masks.repeat(b, 1, 1, 1)
@@ -180,7 +197,7 @@ def patched_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler,
     def keep_context(state: torch.Tensor, _t: int) -> torch.Tensor:
         return ms * state + (1 - ms) * xs
 
-    recon = _ddim_from(model, x, ddim_timesteps(t_start, steps), scheduler, keep_context)
+    recon = _ddim_from(model, x, ddim_timesteps(t_start, settings.ddim_steps), scheduler, keep_context)
     weighted = (recon * ms).view(b, n, c, h, w).sum(dim=1)
     coverage = ms.view(b, n, 1, h, w).sum(dim=1)
     return weighted / coverage

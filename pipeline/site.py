@@ -1,11 +1,8 @@
 """Static leaderboard site: an index of ranked tables with forest plots, and one page per run.
 
-Why static: the site must open from the file system on a machine with no server and no internet, so
-every page carries its own small style sheet and sorting script (no CDN) and the forest plot is SVG
-written here. Every piece of user text (method names, protocol ids, code versions, config values)
-goes through :func:`esc`; the script is a constant and never holds data, and each page's Content
-Security Policy allows only that script (by hash), so injected markup could not run even if
-escaping were missed.
+Why static: the site must open from the file system on a machine with no server and no internet;
+the pages are built from :mod:`pipeline.webpage` (own style and script, a Content Security Policy,
+every piece of user text escaped) and the forest plot is SVG written here.
 
 Layout of ``OUT``: ``index.html``; ``runs/<row_id>.html``; ``runs/<row_id>/report.png`` (the only
 copied file, so the site stays small); NIfTI maps and masks are linked where they lie, by paths
@@ -15,22 +12,19 @@ swapped in whole, so a reader never sees half a site and rows that left the CSV 
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import html
 import json
 import math
-import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import quote
 
 import pandas as pd
 
 from .atomic import atomic_dir
+from .common import is_real, read_optional_json
 from .errors import InputError
 from .leaderboard import ALPHA, COMPARABLE, ROW_ID_PATTERN, ranked_table
+from .webpage import esc, facts, href, html_page, html_table, missing, num, short, sort_key, td
 
 MARKER = ".leaderboard-site"
 """File that marks a folder as a site this module wrote (only such a folder is ever replaced)."""
@@ -38,155 +32,10 @@ BASELINE_PREFIX = "flair-baseline"
 LABELS = {"auprc": "AUPRC", "auroc": "AUROC", "dice": "Dice"}
 FOREST_METRICS = ("auprc", "auroc", "dice")
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#1d232b;background:#fbfbfc}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 4px}h3{font-size:15px;margin:20px 0 6px}
-.muted{color:#5c6773}.small{font-size:12px}code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}
-section.protocol{border-top:1px solid #d8dde3;margin-top:18px}
-dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 14px;margin:8px 0}dl.facts dt{color:#5c6773}
-dl.facts dd{margin:0}p.inline{display:flex;flex-wrap:wrap;gap:4px 22px}p.inline b{font-weight:400;color:#5c6773}
-.pair{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}.pair>.tbl{flex:1 1 0}.pair>.fig{flex:0 0 auto}
-table{border-collapse:collapse;background:#fff;box-shadow:0 0 0 1px #d8dde3}
-th,td{padding:4px 6px;border-bottom:1px solid #e6e9ed;text-align:right;white-space:nowrap}
-th{background:#eef1f4;font-weight:600;white-space:normal;vertical-align:bottom;max-width:80px;min-width:3.5em}
-td.t,th.t{text-align:left}
-table.sortable th{cursor:pointer;user-select:none}table.sortable th:hover{background:#e2e7ec}
-th[aria-sort=ascending]::after{content:" \\25B2";font-size:10px}th[aria-sort=descending]::after{content:" \\25BC";font-size:10px}
-tr.baseline td{background:#fff8e6}
-.badge{display:inline-block;padding:0 6px;border-radius:9px;font-size:12px;line-height:18px}
-.b-top{background:#dcefe0;color:#1e5b2c}.b-diff{background:#fbe1dc;color:#8a2a17}.b-same{background:#e8ebef;color:#46505c}
-.b-na{color:#7a848f}.b-base{background:#fde9b6;color:#6b4b00}
-.ci{color:#5c6773;font-size:12px}
-svg.forest{background:#fff;box-shadow:0 0 0 1px #d8dde3}
-img.report{max-width:100%;border:1px solid #d8dde3;background:#fff}
-pre{background:#fff;border:1px solid #d8dde3;padding:8px;overflow:auto;max-height:420px}
-a{color:#0b5cad}
-svg .ph{font:600 12px sans-serif;text-anchor:middle}svg .ph.l{text-anchor:start}
-svg .tick{font:10px sans-serif;fill:#5c6773;text-anchor:middle}svg .tick.s{text-anchor:start}svg .tick.e{text-anchor:end}
-svg .key{font:11px sans-serif;fill:#5c6773}svg .key .entry{fill:#1f5fa8}svg .key .baseline{fill:#c27c00}svg .lab{font:12px sans-serif}
-svg .lab.baseline{fill:#8a5a00}svg .grid{stroke:#eceff2}svg .frame{stroke:#b9c1ca}svg .ci{stroke-width:2.2}
-svg .baseref{stroke:#c27c00;stroke-dasharray:3 3}svg .pv{font:11px sans-serif}svg .pv.diff{fill:#8a2a17;font-weight:600}
-svg .pv.same{fill:#5c6773}svg .pv.top{fill:#1e5b2c;font-weight:600}svg .pv.na{fill:#9aa3ad}
-"""
-
-SORT_JS = """
-(function () {
-  function key(cell) {
-    var v = cell.getAttribute("data-sort");
-    if (v === null) { v = cell.textContent.trim(); }
-    if (v === "") { return null; }
-    var n = Number(v);
-    return isFinite(n) ? n : v.toLowerCase();
-  }
-  function compare(x, y, sign) {
-    if (x === null || y === null) { return x === y ? 0 : (x === null ? 1 : -1); }
-    if (typeof x !== typeof y) { return typeof x === "number" ? -1 : 1; }
-    return sign * (x < y ? -1 : x > y ? 1 : 0);
-  }
-  function sortBy(table, th, col) {
-    var sign = th.getAttribute("aria-sort") === "ascending" ? -1 : 1;
-    var heads = table.tHead.rows[0].cells;
-    for (var i = 0; i < heads.length; i++) { heads[i].removeAttribute("aria-sort"); }
-    th.setAttribute("aria-sort", sign > 0 ? "ascending" : "descending");
-    var body = table.tBodies[0];
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) { return compare(key(a.cells[col]), key(b.cells[col]), sign); });
-    rows.forEach(function (r) { body.appendChild(r); });
-  }
-  var tables = document.querySelectorAll("table.sortable");
-  Array.prototype.forEach.call(tables, function (table) {
-    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
-      th.tabIndex = 0;
-      th.addEventListener("click", function () { sortBy(table, th, col); });
-      th.addEventListener("keydown", function (e) {
-        if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(table, th, col); }
-      });
-    });
-  });
-})();
-"""
-
-
-def _csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-
-CSP = (f"default-src 'none'; script-src {_csp_hash(SORT_JS)}; style-src {_csp_hash(CSS)}; img-src 'self'; "
-       "base-uri 'none'; form-action 'none'")
-"""Only this module's own script and style run; images from the site folder. No user text here."""
-
-
-# ----------------------------------------------------------------------------- small helpers
-
-
-def esc(value) -> str:
-    """User text as HTML text or attribute value (quotes escaped too)."""
-    return html.escape("" if _missing(value) else str(value), quote=True)
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
-
-
-def _num(value, spec: str = ".3f") -> str:
-    return "" if _missing(value) else format(float(value), spec)
-
-
-def _sort_key(value) -> str:
-    return "" if _missing(value) else repr(float(value))
-
-
-def _short(text, n: int = 12) -> str:
-    """A fingerprint cut to ``n`` characters, the whole one in the tooltip."""
-    text = "" if _missing(text) else str(text)
-    return f'<span class="mono" title="{esc(text)}">{esc(text[:n])}</span>'
-
-
-def href(target: Path, page_dir: Path) -> str:
-    """A relative, URL-quoted, escaped link from a page in ``page_dir`` to ``target``."""
-    try:
-        rel = os.path.relpath(Path(target).resolve(), Path(page_dir).resolve())
-    except ValueError:  # another drive (Windows): no relative path exists
-        return esc(Path(target).resolve().as_uri())
-    return esc(quote(rel.replace(os.sep, "/")))
-
 
 def is_baseline(method) -> bool:
     """The FLAIR-intensity baseline, named so by the benchmark runner (``flair-baseline...``)."""
     return str(method).startswith(BASELINE_PREFIX)
-
-
-def _read_json(path: Path) -> dict | None:
-    """A run's own JSON object, or None when it is missing or unreadable (a page is still written)."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{esc(title)}</title>\n<style>{CSS}</style></head>\n<body>\n{body}\n"
-            f"<script>{SORT_JS}</script>\n</body></html>\n")
-
-
-def _table(headers: list[tuple[str, str]], rows: list[str]) -> str:
-    """A sortable table, its rows given in the order of the first column; ``headers`` are (label, css
-    class), ``rows`` ready ``<tr>`` markup."""
-    heads = "".join(f'<th class="{c}"{" aria-sort=ascending" if i == 0 else ""}>{esc(label)}</th>'
-                    for i, (label, c) in enumerate(headers))
-    return '<table class="sortable"><thead><tr>' + heads + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
-
-
-def _td(text: str, sort=None, cls: str = "") -> str:
-    """A cell; ``text`` is markup already escaped, ``sort`` the raw value the script sorts by."""
-    attrs = f' class="{cls}"' if cls else ""
-    if sort is not None:
-        attrs += f' data-sort="{esc(sort)}"'
-    return f"<td{attrs}>{text}</td>"
 
 
 # ----------------------------------------------------------------------------- grouping and reading
@@ -211,7 +60,7 @@ def _protocol_description(group: pd.DataFrame) -> str:
     """The description in ``results/<id>/protocol.json`` beside the runs, if it is the same protocol."""
     for _, row in group.iterrows():
         run_dir = _run_dir(row)
-        record = _read_json(run_dir.parent.parent / "protocol.json") if run_dir else None
+        record = read_optional_json(run_dir.parent.parent / "protocol.json") if run_dir else None
         if isinstance(record, dict) and record.get("hash") in (None, row["protocol_hash"]):
             return str(record.get("description") or "")
     return ""
@@ -219,7 +68,7 @@ def _protocol_description(group: pd.DataFrame) -> str:
 
 def _sidecar(csv_path: Path, row_id: str) -> dict:
     """Per-test-subject values the leaderboard keeps beside the CSV (``<name>.subjects/<row_id>.json``)."""
-    record = _read_json(csv_path.with_name(csv_path.stem + ".subjects") / f"{row_id}.json")
+    record = read_optional_json(csv_path.with_name(csv_path.stem + ".subjects") / f"{row_id}.json")
     subjects = record.get("subjects") if isinstance(record, dict) else None
     return subjects if isinstance(subjects, dict) else {}
 
@@ -235,7 +84,7 @@ def paired_badge(row, metric: str) -> tuple[str, float]:
     """The paired-test verdict as a coloured badge, and a sort key (top first, untested last)."""
     if row["top_row_id"] == row["row_id"]:
         return '<span class="badge b-top" title="best entry of this protocol">top</span>', -1.0
-    if row["differs_from_top"] is None or _missing(row["p_vs_top"]):
+    if row["differs_from_top"] is None or missing(row["p_vs_top"]):
         return '<span class="badge b-na" title="no per-subject values to pair">n/a</span>', 2.0
     p, n = float(row["p_vs_top"]), int(row["paired_subjects"])
     tip = (f"Wilcoxon signed-rank test of per-subject {LABELS[metric]} against the top entry over {n} test "
@@ -249,7 +98,7 @@ def _paired_short(row) -> tuple[str, str]:
     """Forest-plot column text and class: 'top', '≠ p=...' (differs) or '≈ p=...'."""
     if row["top_row_id"] == row["row_id"]:
         return "top", "top"
-    if row["differs_from_top"] is None or _missing(row["p_vs_top"]):
+    if row["differs_from_top"] is None or missing(row["p_vs_top"]):
         return "n/a", "na"
     return f"{'≠' if row['differs_from_top'] else '≈'} p={float(row['p_vs_top']):.2g}", \
         "diff" if row["differs_from_top"] else "same"
@@ -282,21 +131,21 @@ def _panel(group: pd.DataFrame, metric: str, x0: float, height: float) -> list[s
         out.append(f'<line x1="{x(tick):.1f}" y1="{TOP - 8}" x2="{x(tick):.1f}" y2="{height - 34}" class="grid"/>'
                    f'<text x="{x(tick):.1f}" y="{height - 22}" class="tick {anchor}">{tick:.2f}</text>')
     base = group[[is_baseline(m) for m in group["method"]]]
-    if not base.empty and not _missing(base[metric].iloc[0]):
+    if not base.empty and not missing(base[metric].iloc[0]):
         bx = x(base[metric].iloc[0])
         out.append(f'<line x1="{bx:.1f}" y1="{TOP - 8}" x2="{bx:.1f}" y2="{height - 34}" class="baseref">'
-                   f"<title>best baseline: {esc(base['method'].iloc[0])} {_num(base[metric].iloc[0])}</title></line>")
+                   f"<title>best baseline: {esc(base['method'].iloc[0])} {num(base[metric].iloc[0])}</title></line>")
     for i, (_, row) in enumerate(group.iterrows()):
         y = TOP + i * ROW_H + ROW_H / 2
         kind = "baseline" if is_baseline(row["method"]) else "entry"
-        tip = (f"{row['method']}: {LABELS[metric]} {_num(row[metric])} "
-               f"[{_num(row[metric + '_ci_low'])}, {_num(row[metric + '_ci_high'])}]")
+        tip = (f"{row['method']}: {LABELS[metric]} {num(row[metric])} "
+               f"[{num(row[metric + '_ci_low'])}, {num(row[metric + '_ci_high'])}]")
         lo_v, hi_v = row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
-        if not (_missing(lo_v) or _missing(hi_v)):
+        if not (missing(lo_v) or missing(hi_v)):
             out.append(f'<line x1="{x(lo_v):.1f}" y1="{y:.1f}" x2="{x(hi_v):.1f}" y2="{y:.1f}" class="ci {kind}" '
                        f'data-metric="{metric}" data-row="{esc(row["row_id"])}" stroke="{COLOURS[kind]}">'
                        f"<title>{esc(tip)}</title></line>")
-        if not _missing(row[metric]):
+        if not missing(row[metric]):
             shape = (f'<rect x="{x(row[metric]) - 4:.1f}" y="{y - 4:.1f}" width="8" height="8"' if kind == "baseline"
                      else f'<circle cx="{x(row[metric]):.1f}" cy="{y:.1f}" r="4"')
             out.append(f'{shape} class="pt {kind}" fill="{COLOURS[kind]}"><title>{esc(tip)}</title>'
@@ -340,8 +189,8 @@ INDEX_HEADERS = [("rank", ""), ("method", "t"), ("AUPRC [95% CI]", ""), ("AUROC 
 
 
 def _with_ci(row, m: str, sep: str = " ") -> str:
-    return (f"{_num(row[m])}{sep}<span class=ci>[{_num(row[m + '_ci_low'])}, {_num(row[m + '_ci_high'])}]</span>"
-            if not _missing(row[m]) else "")
+    return (f"{num(row[m])}{sep}<span class=ci>[{num(row[m + '_ci_low'])}, {num(row[m + '_ci_high'])}]</span>"
+            if not missing(row[m]) else "")
 
 
 def _index_row(row, metric: str, pages: set) -> str:
@@ -354,13 +203,13 @@ def _index_row(row, metric: str, pages: set) -> str:
     if isinstance(supervision, str) and supervision not in ("", "unsupervised"):  # never ranked unmarked
         name += f' <span class="badge" title="learnt from labels">{esc(supervision.lstrip(chr(39)))}</span>'
     badge, key = paired_badge(row, metric)
-    cells = [_td(str(row["rank"]), row["rank"]), _td(name, row["method"], "t"),
-             *(_td(_with_ci(row, m, "<br>"), _sort_key(row[m])) for m in ("auprc", "auroc", "dice")),
-             _td(_num(row["subject_auroc"]), _sort_key(row["subject_auroc"])),
-             _td(_num(row["fp_ml_healthy"], ".2f"), _sort_key(row["fp_ml_healthy"])),
-             _td(badge, key, "t"),
-             _td(_num(row["train_seconds"], ".0f"), _sort_key(row["train_seconds"])),
-             _td(_num(row["inference_seconds"], ".0f"), _sort_key(row["inference_seconds"]))]
+    cells = [td(str(row["rank"]), row["rank"]), td(name, row["method"], "t"),
+             *(td(_with_ci(row, m, "<br>"), sort_key(row[m])) for m in ("auprc", "auroc", "dice")),
+             td(num(row["subject_auroc"]), sort_key(row["subject_auroc"])),
+             td(num(row["fp_ml_healthy"], ".2f"), sort_key(row["fp_ml_healthy"])),
+             td(badge, key, "t"),
+             td(num(row["train_seconds"], ".0f"), sort_key(row["train_seconds"])),
+             td(num(row["inference_seconds"], ".0f"), sort_key(row["inference_seconds"]))]
     return f'<tr class="{"baseline" if is_baseline(row["method"]) else "entry"}" data-row="{esc(row["row_id"])}">' \
            + "".join(cells) + "</tr>"
 
@@ -370,15 +219,15 @@ def _protocol_section(group: pd.DataFrame, metric: str, pages: set, same_id: boo
     title = str(first["protocol_id"]) + (f" (hash {str(first['protocol_hash'])[:8]})" if same_id else "")
     subjects = sorted({int(s) for s in group["test_subjects"].dropna()})
     description = _protocol_description(group)
-    facts = [("protocol hash", _short(first["protocol_hash"])),
-             ("dataset fingerprint", _short(first["dataset_fingerprint"])),
-             ("split fingerprint", _short(first["split_fingerprint"])),
+    facts = [("protocol hash", short(first["protocol_hash"])),
+             ("dataset fingerprint", short(first["dataset_fingerprint"])),
+             ("split fingerprint", short(first["split_fingerprint"])),
              ("test subjects", esc(", ".join(map(str, subjects)) or "unknown")), ("entries", str(len(group)))]
     rows = [_index_row(row, metric, pages) for _, row in group.iterrows()]
     return (f'<section class="protocol" data-protocol="{esc(first["protocol_id"])}">\n<h2>{esc(title)}</h2>\n'
             + (f'<p class="muted">{esc(description)}</p>\n' if description else "")
             + '<p class="inline">' + "".join(f"<span><b>{k}</b> {v}</span>" for k, v in facts) + "</p>\n"
-            + f'<div class="pair"><div class="tbl">{_table(INDEX_HEADERS, rows)}</div>\n'
+            + f'<div class="pair"><div class="tbl">{html_table(INDEX_HEADERS, rows)}</div>\n'
             + f'<div class="fig">{forest_svg(group, metric)}</div></div>\n</section>')
 
 
@@ -393,7 +242,7 @@ def index_html(groups: list[pd.DataFrame], csv_path: Path, metric: str, pages: s
              f"<span class=\"badge b-same\">&#8776;</span> no difference shown). "
              f"<span class=\"badge b-base\">baseline</span> rows (FLAIR intensity) are the bar to beat; the dashed "
              f"line in each panel is the best baseline. Click a column header to sort.</p>")
-    return _page("Leaderboard", intro + "\n" + ("\n".join(sections) or "<p>No entries yet.</p>"))
+    return html_page("Leaderboard", intro + "\n" + ("\n".join(sections) or "<p>No entries yet.</p>"))
 
 
 # ----------------------------------------------------------------------------- run pages
@@ -403,16 +252,11 @@ def _numbers(mapping) -> dict:
     """The numeric values of a mapping read from a run's own file (anything else is left out)."""
     if not isinstance(mapping, dict):
         return {}
-    return {k: v for k, v in mapping.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in mapping.items() if is_real(v, finite=False)}
 
 
 def _pair(a: str, b: str) -> str:
     return f"{a or 'n/a'} / {b or 'n/a'}"
-
-
-def _facts(pairs: list[tuple[str, str]]) -> str:
-    """A definition list; values are markup already escaped."""
-    return '<dl class="facts">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -426,7 +270,7 @@ def _subject_files(run_dir: Path | None) -> dict[str, dict[str, Path]]:
     """Per subject: the anomaly map and the thresholded mask, where the files exist inside the run."""
     if run_dir is None:
         return {}
-    index = _read_json(run_dir / "scores" / "index.json")
+    index = read_optional_json(run_dir / "scores" / "index.json")
     entries = index.get("subjects", {}) if isinstance(index, dict) else {}
     files = {}
     for name, item in entries.items() if isinstance(entries, dict) else ():
@@ -447,11 +291,11 @@ def _subjects_table(subjects: dict, files: dict, fp_ml: dict, page_dir: Path) ->
         values = subjects[name] if isinstance(subjects[name], dict) else {}
         links = {k: f'<a href="{href(p, page_dir)}">{k}</a>' for k, p in files.get(name, {}).items()}
         rows.append("<tr>" + "".join([
-            _td(esc(name), name, "t"), _td(esc(values.get("tumour_voxels", "")), values.get("tumour_voxels")),
-            *(_td(_num(values.get(m)), _sort_key(values.get(m))) for m in ("dice", "auroc", "auprc")),
-            _td(_num(fp_ml.get(name), ".2f"), _sort_key(fp_ml.get(name))),
-            _td(links.get("map", ""), None, "t"), _td(links.get("mask", ""), None, "t")]) + "</tr>")
-    return _table(headers, rows) if rows else "<p class=muted>No per-subject values were stored for this entry.</p>"
+            td(esc(name), name, "t"), td(esc(values.get("tumour_voxels", "")), values.get("tumour_voxels")),
+            *(td(num(values.get(m)), sort_key(values.get(m))) for m in ("dice", "auroc", "auprc")),
+            td(num(fp_ml.get(name), ".2f"), sort_key(fp_ml.get(name))),
+            td(links.get("map", ""), None, "t"), td(links.get("mask", ""), None, "t")]) + "</tr>")
+    return html_table(headers, rows) if rows else "<p class=muted>No per-subject values were stored for this entry.</p>"
 
 
 def _json_table(mapping: dict) -> str:
@@ -480,18 +324,18 @@ def _run_links(run_dir: Path | None, page_dir: Path) -> str:
 def _summary(row, metric: str) -> list[tuple[str, str]]:
     """The leaderboard's numbers for one entry (recomputed from its maps when it was submitted)."""
     return [(f"{LABELS[m]} [95% CI]", _with_ci(row, m)) for m in ("auprc", "auroc", "dice")] + [
-        ("Dice oracle (best threshold on test)", _num(row["dice_oracle"])),
-        ("subject-level AUROC (tumour vs healthy subjects)", _num(row["subject_auroc"])),
-        ("false-positive ml per healthy test subject", _num(row["fp_ml_healthy"], ".2f")),
+        ("Dice oracle (best threshold on test)", num(row["dice_oracle"])),
+        ("subject-level AUROC (tumour vs healthy subjects)", num(row["subject_auroc"])),
+        ("false-positive ml per healthy test subject", num(row["fp_ml_healthy"], ".2f")),
         ("validation residual healthy / tumour:healthy",
-         _pair(_num(row["healthy_residual"], ".4f"), _num(row["residual_ratio"], ".2f"))),
-        ("validation PSNR / SSIM", _pair(_num(row["psnr"], ".2f"), _num(row["ssim"], ".3f"))),
+         _pair(num(row["healthy_residual"], ".4f"), num(row["residual_ratio"], ".2f"))),
+        ("validation PSNR / SSIM", _pair(num(row["psnr"], ".2f"), num(row["ssim"], ".3f"))),
         (f"paired test vs top ({LABELS[metric]})", paired_badge(row, metric)[0])]
 
 
 def _environment(row, env: dict) -> str:
     packages = env.get("packages") if isinstance(env.get("packages"), dict) else {}
-    return "\n".join(["<h2>Environment</h2>", _facts([
+    return "\n".join(["<h2>Environment</h2>", facts([
         ("code version", _code_version(row, env)), ("hardware", esc(env.get("hardware", row["hardware"]))),
         ("python", esc(env.get("python", ""))), ("platform", esc(env.get("platform", "")))]),
         "<h3>Packages</h3>", _json_table(packages)])
@@ -501,7 +345,7 @@ def _provenance(row, run_dir: Path | None, site_runs: Path) -> str:
     def code(column):
         return f"<code>{esc(row[column])}</code>"
 
-    return _facts([("row id", code("row_id")), ("seed", esc(_num(row["seed"], ".0f"))),
+    return facts([("row id", code("row_id")), ("seed", esc(num(row["seed"], ".0f"))),
                    ("config hash", code("config_hash")), ("protocol hash", code("protocol_hash")),
                    ("dataset fingerprint", code("dataset_fingerprint")), ("split fingerprint", code("split_fingerprint")),
                    ("run folder", code("run_dir") + ("" if run_dir else " (not found here)")),
@@ -511,7 +355,7 @@ def _provenance(row, run_dir: Path | None, site_runs: Path) -> str:
 def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | None) -> str:
     """One entry: numbers, report figure, per-subject table, environment, timings, config, files."""
     run_dir = _run_dir(row)
-    record, config, env, metrics = ((_read_json(run_dir / name) if run_dir else None) or {} for name in
+    record, config, env, metrics = ((read_optional_json(run_dir / name) if run_dir else None) or {} for name in
                                     ("run.json", "config.json", "environment.json", "evaluation/metrics.json"))
     test = metrics.get("test")
     fp_ml = _numbers(test.get("false_positive_ml_per_healthy_subject") if isinstance(test, dict) else None)
@@ -519,8 +363,8 @@ def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | No
     body = ['<p class="small"><a href="../index.html">&larr; leaderboard</a></p>',
             f"<h1>{esc(row['method'])}{base}</h1>",
             f'<p class="muted">rank {esc(row["rank"])} of protocol <b>{esc(row["protocol_id"])}</b>, '
-            f"{esc(_num(row['test_subjects'], '.0f'))} test subjects</p>",
-            "<h2>Numbers (recomputed at submission)</h2>", _facts(_summary(row, metric)),
+            f"{esc(num(row['test_subjects'], '.0f'))} test subjects</p>",
+            "<h2>Numbers (recomputed at submission)</h2>", facts(_summary(row, metric)),
             "<h2>Report</h2>",
             f'<img class="report" src="{esc(figure)}" alt="report figure">' if figure
             else "<p class=muted>No report figure found in the run folder.</p>",
@@ -530,12 +374,12 @@ def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | No
             "evaluation. Maps and masks are NIfTI files in the subject's original space.</p>",
             _subjects_table(subjects, _subject_files(run_dir), fp_ml, site_runs),
             _environment(row, env),
-            "<h2>Timings</h2>", _facts([
-                ("training s", _num(row["train_seconds"], ".1f")), ("scoring s", _num(row["inference_seconds"], ".1f")),
+            "<h2>Timings</h2>", facts([
+                ("training s", num(row["train_seconds"], ".1f")), ("scoring s", num(row["inference_seconds"], ".1f")),
                 ("run created", esc(record.get("created", ""))), ("submitted", esc(row["submitted_at"]))]),
             "<h2>Resolved config</h2>", _json_table(config or record.get("entry") or {}),
             "<h2>Provenance</h2>", _provenance(row, run_dir, site_runs)]
-    return _page(f"{row['method']} - {row['protocol_id']}", "\n".join(body))
+    return html_page(f"{row['method']} - {row['protocol_id']}", "\n".join(body))
 
 
 def _copy_figure(row, tmp_runs: Path) -> str | None:

@@ -2,42 +2,40 @@
 
 This module holds the pieces the bundle's ``train`` config wires together: the network and
 scheduler factories (which validate their settings), a prepare-batch that draws Gaussian or
-simplex noise, an EMA of the weights, atomic checkpoints with resume, and the loaders.
+simplex noise, an EMA of the weights, atomic checkpoints with resume (built on
+:mod:`pipeline.checkpoint`), and the loaders.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import random
-import re
 import warnings
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 from unittest import mock
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
+from ignite.handlers import Checkpoint, ProgressBar
 from monai.engines import DiffusionPrepareBatch
 from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets import diffusion_model_unet as _dmu
 from monai.networks.schedulers import DDPMScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .atomic import atomic_path, remove_orphans
-from .data import LabelledSliceDataset, SliceDataset
+from .checkpoint import (CHECKPOINT_PREFIX, EpochSampler, GlobalRNG, KillSafeSaver, checkpoint_files, checkpoint_step,
+                         from_rank_zero, load_checkpoint, load_state, rank_and_world, replay_position)
+from .common import is_int
 from .errors import InputError
 from .noise import NoiseGenerator
+from .slice_cache import LabelledSliceDataset, SliceDataset
 
 SCHEDULES = {"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "cosine": "cosine"}
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-CHECKPOINT_PREFIX = "checkpoint"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,27 +189,6 @@ def clean_outside(images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Te
     return mask * noise + (1 - mask) * context
 
 
-class EpochSampler(DistributedSampler):
-    """Shuffled order that is a pure function of (seed, epoch), sharded across ranks when distributed.
-
-    A resumed run replays the same order from nothing but the epoch (MONAI's trainer calls
-    ``set_epoch`` at every epoch start), and :meth:`start_at` lets a run resumed mid-epoch begin
-    with the first batch the killed run had not yet trained on.
-    """
-
-    def __init__(self, dataset, shuffle: bool = True, seed: int = 0, distributed: bool = False):
-        replicas, rank = (None, None) if distributed else (1, 0)
-        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self._starts: dict[int, int] = {}
-
-    def start_at(self, epoch: int, position: int) -> None:
-        """In ``epoch``, begin ``position`` samples into this rank's order (other epochs stay whole)."""
-        self._starts = {int(epoch): int(position)}
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self._starts.get(self.epoch, 0), None)
-
-
 def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_size: int = 32,
                  shuffle: bool = True, num_workers: int = 0, distributed: bool = False,
                  seed: int = 0, pin_memory: bool = False, labelled: bool = False) -> DataLoader:
@@ -236,10 +213,10 @@ def total_steps(train_steps: int | None, epochs: int | None, loader: DataLoader)
     """Optimiser steps of the run: ``train_steps`` when positive (comparable across data sizes), else
     (0 or None) ``epochs`` passes over the loader. 0 exists because bundle overrides drop None values."""
     if train_steps:
-        if isinstance(train_steps, bool) or not isinstance(train_steps, int) or train_steps < 1:
+        if not is_int(train_steps) or train_steps < 1:
             raise InputError("train_steps", f"must be a positive integer, or 0 to train epochs, got {train_steps!r}")
         return train_steps
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not is_int(epochs) or epochs < 1:
         raise InputError("epochs", f"must be a positive integer (or set train_steps), got {epochs!r}")
     return epochs * len(loader)
 
@@ -334,155 +311,8 @@ def _loss_of(output) -> float:
     return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
 
 
-CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}_(\d+)\.pt$")
-
-
-def checkpoint_files(ckpt_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoints in ``ckpt_dir``, oldest first (by iteration number in the file name)."""
-    folder = Path(ckpt_dir)
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name)), key=checkpoint_step)
-
-
-def checkpoint_step(path: str | os.PathLike) -> int:
-    """Iteration a checkpoint was taken at, from its file name."""
-    return int(CHECKPOINT_NAME.match(Path(path).name).group(1))
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """``torch.load(weights_only=True)`` with a one-line error for missing or corrupt files."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle/zip/unpickler errors all mean "corrupt"
-        raise InputError(path, f"corrupt or unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
-
-
-def load_state(module, state: dict, source: str | os.PathLike) -> None:
-    """Load a state dict, explaining an architecture mismatch in one line."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        missing = [ln.strip() for ln in str(err).splitlines() if ln.strip()][:2]
-        raise InputError(source, f"checkpoint does not match this {type(module).__name__} "
-                                 f"(different architecture or settings): {' '.join(missing)[:300]}") from None
-
-
 # ----------------------------------------------------------------------------------------------
-# crash-consistent checkpoints
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (1 outside ``torchrun``)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _from_rank_zero(value):
-    """Rank 0's ``value`` on every rank (collective), so all ranks act on one view of the folder."""
-    if rank_and_world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(value) -> list:
-    """Every rank's ``value`` in rank order (collective: all ranks call it, rank 0 writes the result)."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return [value]
-    out = [None] * world
-    dist.all_gather_object(out, value)
-    return out
-
-
-def rng_state() -> dict:
-    """This process's global RNG states (torch CPU and CUDA, numpy, Python) as tensors and numbers,
-    so checkpoints keep loading with ``weights_only=True``."""
-    np_state = np.random.get_state(legacy=False)
-    version, internal, gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Mapping) -> None:
-    """Continue the global RNG streams saved by :func:`rng_state`."""
-    torch.set_rng_state(state["torch"])
-    saved = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937", "has_gauss": saved["has_gauss"], "gauss": saved["gauss"],
-                         "state": {"key": saved["key"].numpy().astype(np.uint32), "pos": saved["pos"]}})
-    saved = state["python"]
-    random.setstate((saved["version"], tuple(saved["internal"].tolist()), saved["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class GlobalRNG:
-    """Checkpoint entry for the global RNGs of every rank: each rank continues its own streams."""
-
-    def state_dict(self) -> dict:
-        return {"ranks": _gather(rng_state())}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        rank, world = rank_and_world()
-        ranks = state["ranks"]
-        if len(ranks) != world:
-            warnings.warn(f"the checkpoint holds the RNG states of {len(ranks)} processes and this run has {world}: "
-                          "it continues, but cannot repeat the interrupted run exactly")
-        if rank < len(ranks):
-            set_rng_state(ranks[rank])
-
-
-class KillSafeSaver(DiskSaver):
-    """ignite ``DiskSaver`` for checkpoints that a kill at any instant leaves consistent.
-
-    Each file is written to a temp file named after its writer (:func:`pipeline.atomic.atomic_path`)
-    and renamed into place, so a later start can tell a dead writer's leftovers; removing a file
-    that is already gone (a kill fell between a rotation and the list that recorded it) is no error.
-    """
-
-    def __init__(self, dirname: str | os.PathLike, save_on_rank: int = 0, **kwargs):
-        super().__init__(str(dirname), atomic=True, require_empty=False, save_on_rank=save_on_rank, **kwargs)
-
-    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        with atomic_path(path) as tmp:
-            func(checkpoint, tmp, **self.kwargs)
-
-    def remove(self, filename: str) -> None:
-        if rank_and_world()[0] == self.save_on_rank:
-            (self.dirname / filename).unlink(missing_ok=True)
-
-
-def replay_position(engine: Engine) -> None:
-    """Make a run resumed mid-epoch start at the first batch the interrupted run had not trained on.
-
-    ignite counts the epoch's remaining iterations but would draw them from the start of a fresh
-    loader pass; :class:`EpochSampler` skips the consumed samples instead (no RNG involved).
-    """
-    length = engine.state.epoch_length
-    done = engine.state.iteration % length if length else 0
-    if not done:
-        return
-    loader = engine.state.dataloader
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, EpochSampler) and getattr(loader, "batch_size", None):
-        sampler.start_at(engine.state.epoch + 1, done * loader.batch_size)
-    else:
-        warnings.warn("resuming mid-epoch with a loader whose order cannot be replayed (not an EpochSampler): "
-                      "the rest of this epoch sees other batches than the interrupted run would have")
+# checkpoints and the final model (the machinery lives in :mod:`pipeline.checkpoint`)
 
 
 class AtomicCheckpoint:
@@ -507,7 +337,7 @@ class AtomicCheckpoint:
     def __init__(self, ckpt_dir: str | os.PathLike, objects: dict, every_n_epochs: int = 1,
                  every_n_iterations: int = 0, n_saved: int = 2, resume: bool = True):
         for name, value in (("checkpoint_every", every_n_epochs), ("checkpoint_every_iterations", every_n_iterations)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise InputError(name, f"must be a whole number >= 0 (0: off), got {value!r}")
         self.ckpt_dir, self.objects = Path(ckpt_dir), objects
         self.every_n_epochs, self.every_n_iterations = every_n_epochs, every_n_iterations
@@ -555,7 +385,7 @@ class AtomicCheckpoint:
                 engine.logger.info(f"removed {path}, left by a writer that was killed")
         if not self.resume:
             return
-        files = _from_rank_zero(checkpoint_files(self.ckpt_dir))
+        files = from_rank_zero(checkpoint_files(self.ckpt_dir))
         if files:
             self.load(engine, files[-1])  # first: a folder of another run's checkpoints stops here, untouched
             self._saved_at = engine.state.iteration

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import (
-    PreprocessConfig,
-    SliceDataset,
-    load_subjects,
-    make_split,
-    prepare_data,
-    preprocess_transforms,
-)
+from pipeline.data import PreprocessConfig, load_subjects, prepare_data
+from pipeline.slice_cache import SliceDataset
+from pipeline.split import make_split
+from pipeline.transforms import preprocess_transforms
 from pipeline.errors import InputError
 
 CFG = PreprocessConfig(image_size=32, pixdim=(4.0, 4.0, 4.0))

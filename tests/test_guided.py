@@ -11,15 +11,18 @@ import pytest
 import torch
 
 from pipeline.bundle import run_bundle
+from pipeline.checkpoint import load_checkpoint
 from pipeline.cli import main
-from pipeline.data import (LabelledSliceDataset, PreprocessConfig, build_labelled_slice_cache, dataset_split_file,
-                           load_subjects, preprocess_transforms)
+from pipeline.data import PreprocessConfig, dataset_split_file, load_subjects
 from pipeline.guided import (HEALTHY, NULL, TUMOUR, ClassConditionalInferer, GuidedPrepareBatch, ddim_invert,
                              guided_ddim_decode, guided_output, guided_reconstruct, labels_like)
 from pipeline.noise import make_noise
 from pipeline.samplers import _ddim_from, ddim_timesteps
-from pipeline.score import SAMPLERS, ScoreSettings, read_index
-from pipeline.train import diffusion_unet, load_checkpoint, make_scheduler
+from pipeline.maps import read_index
+from pipeline.score import SAMPLER_NAMES, ScoreSettings
+from pipeline.slice_cache import LabelledSliceDataset, build_labelled_slice_cache
+from pipeline.train import diffusion_unet, make_scheduler
+from pipeline.transforms import preprocess_transforms
 from test_score import Oracle
 from test_train import as_cli, tiny
 
@@ -50,6 +53,10 @@ def _tiny_conditional_unet(seed=0) -> torch.nn.Module:
             if not param.any():
                 param.normal_(0, 0.05)
     return net
+
+
+def _guided(steps: int, scale: float = 3.0) -> ScoreSettings:
+    return ScoreSettings(sampler="guided", ddim_steps=steps, guidance_scale=scale)
 
 
 class LabelledOracle(Oracle):
@@ -103,7 +110,7 @@ def test_round_trip_of_a_random_network_is_close_when_steps_are_many(prediction)
 def test_guided_sampler_refuses_an_x0_predicting_model():
     scheduler = make_scheduler(prediction_type="sample")
     with pytest.raises(Exception, match="prediction_type"):
-        guided_reconstruct(_tiny_conditional_unet(), _slices(), 20, scheduler, steps=2)
+        guided_reconstruct(_tiny_conditional_unet(), _slices(), 20, scheduler, None, _guided(steps=2))
 
 
 def test_zero_guidance_is_the_unconditional_decode():
@@ -134,11 +141,11 @@ def test_guidance_formula_matches_a_hand_computation():
 def test_guided_counterfactual_is_deterministic_and_supervision_is_labelled():
     scheduler = make_scheduler(prediction_type="epsilon")
     net, x0 = _tiny_conditional_unet(), _slices()
-    a = guided_reconstruct(net, x0, 50, scheduler, steps=3, guidance_scale=3.0)
-    torch.testing.assert_close(a, guided_reconstruct(net, x0, 50, scheduler, steps=3, guidance_scale=3.0))
-    assert (a - guided_reconstruct(net, x0, 50, scheduler, steps=3, guidance_scale=0.0)).abs().max() > 1e-3
+    a = guided_reconstruct(net, x0, 50, scheduler, None, _guided(steps=3, scale=3.0))
+    torch.testing.assert_close(a, guided_reconstruct(net, x0, 50, scheduler, None, _guided(steps=3, scale=3.0)))
+    assert (a - guided_reconstruct(net, x0, 50, scheduler, None, _guided(steps=3, scale=0.0))).abs().max() > 1e-3
     assert ScoreSettings(sampler="guided").to_dict()["supervision"] == "weak slice labels"
-    for sampler in set(SAMPLERS) - {"guided"}:
+    for sampler in set(SAMPLER_NAMES) - {"guided"}:
         settings = ScoreSettings(sampler=sampler, patch_size=8)
         assert settings.to_dict()["supervision"] == "unsupervised"
 

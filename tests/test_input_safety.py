@@ -18,11 +18,12 @@ import yaml
 from pipeline.atomic import write_json
 from pipeline.benchmark import load_protocol
 from pipeline.cli import main
-from pipeline.data import dataset_fingerprint, dataset_split, load_subjects, make_split
+from pipeline.common import TASK
+from pipeline.data import dataset_fingerprint, dataset_split, load_subjects
 from pipeline.leaderboard import read_leaderboard
 from pipeline.registry import split_fingerprint
+from pipeline.split import make_split
 
-TASK = "Task01_BrainTumour"
 PREPARE = ["--image-size", "32", "--spacing", "4", "--workers", "1", "--quiet"]
 
 

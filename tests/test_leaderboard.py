@@ -23,12 +23,13 @@ import pandas as pd
 import pytest
 
 from pipeline.atomic import write_json
-from pipeline.data import dataset_fingerprint, load_subjects, make_split
+from pipeline.data import dataset_fingerprint, load_subjects
 from pipeline.errors import InputError
 from pipeline.evaluate import compute_metrics
 from pipeline.leaderboard import (ADDED_COLUMNS, COLUMNS, append_row, check_method_name, ranked_table,
                                   read_leaderboard, show, submission_row, submit)
 from pipeline.registry import protocol_hash, protocol_record, split_fingerprint
+from pipeline.split import make_split
 
 N_BOOT = 50
 PROTOCOL_CONTENT = {"id": "synthetic-test-v1", "dataset": "synthetic", "methods": ["good", "bad"], "seeds": [0]}

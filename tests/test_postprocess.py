@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from pipeline.noise import make_noise
-from pipeline.postprocess import HealthyResidualStats, median_filter, median_filter_3d, remove_small_components
+from pipeline.postprocess import (HealthyResidualStats, map_from_residual, median_filter, median_filter_3d,
+                                  remove_small_components)
 from pipeline.samplers import (ddim_reconstruct, noise_patch, patch_grid, patch_masks, patched_reconstruct,
                                x0_reconstruct)
-from pipeline.score import ScoreSettings, map_from_residual, noise_streams, reconstruct
+from pipeline.score import Scorer, ScoreSettings, noise_streams, reconstruct
 from pipeline.train import NoisePrepareBatch, clean_outside, make_scheduler
 from test_score import Oracle, _slices
 
@@ -38,8 +39,10 @@ def test_fast_sampler_is_one_ddim_step_computed_by_hand(prediction):
     out = 0.5 * x_t + t / 1000
     expected = {"epsilon": (x_t - (1 - abar) ** 0.5 * out) / abar**0.5, "sample": out,
                 "v_prediction": abar**0.5 * x_t - (1 - abar) ** 0.5 * out}[prediction].clamp(-1, 1)
-    torch.testing.assert_close(ddim_reconstruct(Linear(), x0, t, scheduler, noise, steps=1), expected)
-    torch.testing.assert_close(x0_reconstruct(Linear(), x0, t, scheduler, make_noise("gaussian", seed=5)), expected)
+    one_step = ScoreSettings(ddim_steps=1)
+    torch.testing.assert_close(ddim_reconstruct(Linear(), x0, t, scheduler, noise, one_step), expected)
+    torch.testing.assert_close(x0_reconstruct(Linear(), x0, t, scheduler, make_noise("gaussian", seed=5), one_step),
+                               expected)
 
 
 def test_patch_grid_covers_every_pixel():
@@ -81,7 +84,7 @@ def test_oracle_patched_reconstruction_is_exact(steps):
     scheduler = make_scheduler(prediction_type="sample")
     x0 = _slices(n=3, size=16, dtype=torch.float64)
     recon = patched_reconstruct(Oracle(scheduler, x0.repeat_interleave(4, dim=0)), x0, 300, scheduler,
-                                make_noise("gaussian"), steps=steps, patch_size=8)
+                                make_noise("gaussian"), ScoreSettings(ddim_steps=steps, patch_size=8))
     torch.testing.assert_close(recon, x0, atol=1e-9, rtol=0)
 
 
@@ -89,12 +92,12 @@ def test_t_ensemble_averages_the_residuals_of_each_level():
     scheduler = make_scheduler(prediction_type="sample")
     x = _slices(n=2, size=16)
     noise = make_noise("gaussian", seed=4)
-    both = ScoreSettings(t_start=[100, 300], ddim_steps=1)
-    residual, recon = reconstruct(Linear(), x, scheduler, noise_streams(noise, "s", both), both)
+    both = Scorer(Linear(), scheduler, noise, ScoreSettings(t_start=[100, 300], ddim_steps=1))
+    residual, recon = reconstruct(both, x, noise_streams(both, "s"))
     singles = []
     for t in (100, 300):
-        one = ScoreSettings(t_start=t, ddim_steps=1)
-        singles.append(reconstruct(Linear(), x, scheduler, noise_streams(noise, "s", one), one))
+        one = Scorer(Linear(), scheduler, noise, ScoreSettings(t_start=t, ddim_steps=1))
+        singles.append(reconstruct(one, x, noise_streams(one, "s")))
     torch.testing.assert_close(residual, (singles[0][0] + singles[1][0]) / 2)
     torch.testing.assert_close(recon, (singles[0][1] + singles[1][1]) / 2)
     assert not torch.allclose(singles[0][0], singles[1][0])
@@ -155,8 +158,8 @@ def test_multimodal_map_takes_the_largest_channel_and_baseline_reads_flair_only(
     settings = ScoreSettings(median_size=1, erode_iters=0)
     m = map_from_residual((x - recon).abs(), x, brain, settings)
     assert m[0, 0, 6, 6] == pytest.approx(0.6) and m[0, 0, 0, 0] == 0
-    baseline = ScoreSettings(sampler="flair")
-    residual, _ = reconstruct(None, x, None, [], baseline, flair_channel=0)
+    baseline = Scorer(None, None, None, ScoreSettings(sampler="flair"))  # FLAIR: the first modality
+    residual, _ = reconstruct(baseline, x, [])
     assert residual.shape == (1, 1, 12, 12) and torch.equal(residual[0, 0], x[0, 0])
 
 

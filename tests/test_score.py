@@ -3,8 +3,10 @@ input's space after a tiny training run (32x32, 4 mm synthetic data)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -13,13 +15,15 @@ import pytest
 import torch
 
 from pipeline.bundle import run_bundle
-from pipeline.data import PreprocessConfig, load_subjects, preprocess_transforms
+from pipeline.data import PreprocessConfig, load_subjects
 from pipeline.errors import InputError, find_input_error
 from pipeline.noise import make_noise
-from pipeline.score import (ScoreSettings, anomaly_map, ddim_reconstruct, ddim_timesteps, ddpm_reconstruct,
-                            invert_to_original, load_model, noise_to, preprocess_subject, read_index, score_split,
-                            score_subject)
+from pipeline.maps import invert_to_original, preprocess_subject, read_index
+from pipeline.samplers import ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, noise_to
+from pipeline.score import (SAMPLER_NAMES, SAMPLERS, Scorer, ScoreSettings, anomaly_map, load_scorer, noise_streams,
+                            reconstruct, score_split, score_subject)
 from pipeline.train import diffusion_unet, make_scheduler
+from pipeline.transforms import preprocess_transforms
 from test_train import tiny
 
 PREPROCESS = PreprocessConfig(image_size=32, pixdim=(4.0, 4.0, 4.0))
@@ -70,7 +74,8 @@ def test_oracle_ddim_reconstructs_exactly(prediction, t_start):
         # float32 rounding is amplified by 1/sqrt(alphas_cumprod[t]) when x0 is recovered from x_t
         atol = 1e-9 if dtype == torch.float64 else 2e-6 / float(scheduler.alphas_cumprod[t_start]) ** 0.5
         for steps in (1, 2, 10, 1000):
-            recon = ddim_reconstruct(Oracle(scheduler, x0), x0, t_start, scheduler, make_noise("gaussian"), steps)
+            recon = ddim_reconstruct(Oracle(scheduler, x0), x0, t_start, scheduler, make_noise("gaussian"),
+                                     ScoreSettings(ddim_steps=steps))
             assert recon.dtype == dtype and recon.shape == x0.shape
             torch.testing.assert_close(recon, x0, atol=atol, rtol=0)
 
@@ -95,18 +100,53 @@ def test_ddpm_oracle_and_reproducible_with_seed():
     scheduler = make_scheduler()
     x0 = _slices(n=2)
     # exact up to MONAI's float32 step coefficients (beta_0 / (1 - alphas_cumprod[0]) ~ 1 +- 1e-3)
-    recon = ddpm_reconstruct(Oracle(scheduler, x0), x0, 5, scheduler, make_noise("gaussian"))
+    recon = ddpm_reconstruct(Oracle(scheduler, x0), x0, 5, scheduler, make_noise("gaussian"), ScoreSettings())
     torch.testing.assert_close(recon, x0, atol=2e-3, rtol=0)
 
     torch.manual_seed(0)
     net = diffusion_unet(16, 1, (32, 32), (False, False)).eval()
-    runs = [ddpm_reconstruct(net, x0, 3, scheduler, make_noise("simplex", image_size=16, seed=s)) for s in (3, 3, 4)]
+    runs = [ddpm_reconstruct(net, x0, 3, scheduler, make_noise("simplex", image_size=16, seed=s), ScoreSettings())
+            for s in (3, 3, 4)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
     # the reverse noise alone is seeded too: same start noise, other generator -> other result
-    other = ddpm_reconstruct(net, x0, 3, scheduler, make_noise("simplex", image_size=16, seed=3),
+    other = ddpm_reconstruct(net, x0, 3, scheduler, make_noise("simplex", image_size=16, seed=3), ScoreSettings(),
                              generator=torch.Generator().manual_seed(99))
     assert not torch.equal(runs[0], other)
+
+
+def test_every_sampler_is_registered_with_one_signature():
+    assert set(SAMPLERS) == {"x0", "ddim", "ddpm", "patched", "guided"} and SAMPLER_NAMES == (*SAMPLERS, "flair")
+    signatures = {name: inspect.signature(fn) for name, fn in SAMPLERS.items()}
+    assert len(set(map(str, signatures.values()))) == 1, signatures
+    assert list(signatures["x0"].parameters) == ["model", "x0", "t_start", "scheduler", "noise_generator", "settings",
+                                                 "generator"]
+    assert all(fn.__doc__.strip() for fn in SAMPLERS.values())
+
+
+def test_unknown_sampler_is_refused_naming_the_registered_ones():
+    with pytest.raises(InputError) as info:
+        ScoreSettings(sampler="euler")
+    assert info.value.source == "sampler" and "euler" in info.value.problem
+    assert all(name in info.value.problem for name in SAMPLER_NAMES)
+
+
+def test_reconstruct_runs_the_registered_sampler_on_every_stream(monkeypatch):
+    """Dispatch goes through the registry with the common arguments, one call per level and draw."""
+    calls = []
+
+    def fake(model, x0, t_start, scheduler, noise_generator, settings, generator=None):
+        calls.append((t_start, noise_generator.seed, generator.initial_seed()))
+        return x0 * 0.5
+
+    monkeypatch.setitem(SAMPLERS, "ddim", fake)
+    scorer = Scorer(None, make_scheduler(), make_noise("gaussian"), ScoreSettings(t_start=[5, 9], n_draws=2))
+    x = _slices()
+    residual, recon = reconstruct(scorer, x, noise_streams(scorer, "s"))
+    torch.testing.assert_close(residual, x * 0.5)
+    torch.testing.assert_close(recon, x * 0.5)
+    assert [t for t, _, _ in calls] == [5, 5, 9, 9] and all(seed == gen for _, seed, gen in calls)
+    assert calls[0][1] != calls[1][1] and calls[0][1] == calls[2][1]  # draws differ, levels share them
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +170,7 @@ def test_inserted_blob_scores_higher_than_healthy_tissue():
     oracle = Oracle(scheduler, healthy)  # knows only the healthy anatomy: it "heals" the blob
     maps = {}
     for name, x in (("healthy", healthy), ("blob", (healthy + blob).clamp(0, 1))):
-        recon = ddim_reconstruct(oracle, x, 250, scheduler, make_noise("gaussian"), steps=10)
+        recon = ddim_reconstruct(oracle, x, 250, scheduler, make_noise("gaussian"), ScoreSettings(ddim_steps=10))
         maps[name] = anomaly_map(x, recon, brain)
     inside = blob > 0
     assert maps["blob"][inside].mean() > 0.3
@@ -235,14 +275,17 @@ def test_inference_bundle_writes_maps_in_input_space(trained, synth_root):
 
 
 def _score_kwargs(trained: dict, **extra) -> dict:
-    kwargs = dict(dataset_dir=trained["dataset_dir"], split=json.loads(Path(trained["split_file"]).read_text()),
-                  preprocess=PREPROCESS, model_path=Path(trained["ckpt_dir"]) / "model.pt",
-                  network=diffusion_unet(32, 1, (32, 32, 32)), scheduler=make_scheduler(),
-                  noise_generator=make_noise("gaussian"), out_dir=Path(trained["output_dir"]) / "other_scores",
-                  sections=("validation",), progress=False)
+    """score_split's arguments on the tiny model; ``sampler``, ``ddim_steps``, ``t_start``, ``settings`` and
+    ``model_path`` go to its scorer (built here, so a refused setting raises inside the caller's check)."""
     score = {k: extra.pop(k) for k in ("sampler", "ddim_steps", "t_start") if k in extra}
+    settings = extra.pop("settings", None) or ScoreSettings(**{"ddim_steps": 1, "t_start": 10, **score})
+    model_path = extra.pop("model_path", Path(trained["ckpt_dir"]) / "model.pt")
+    scorer = load_scorer(diffusion_unet(32, 1, (32, 32, 32)), model_path, make_scheduler(), make_noise("gaussian"),
+                         settings, PREPROCESS)
+    kwargs = dict(dataset_dir=trained["dataset_dir"], split=json.loads(Path(trained["split_file"]).read_text()),
+                  scorer=scorer, out_dir=Path(trained["output_dir"]) / "other_scores", sections=("validation",),
+                  progress=False)
     kwargs.update(extra)
-    kwargs["settings"] = ScoreSettings(**{"ddim_steps": 1, "t_start": 10, **score})
     return kwargs
 
 
@@ -290,12 +333,11 @@ def test_bad_map_settings_name_the_setting(bad, name):
 
 
 def test_ddpm_subject_scores_repeat_with_the_seed(trained):
-    kwargs = _score_kwargs(trained)
-    model = load_model(kwargs["network"], kwargs["model_path"])
+    kwargs = _score_kwargs(trained, sampler="ddpm", t_start=1)
+    scorer = replace(kwargs["scorer"], noise_generator=make_noise("gaussian", seed=3))
     item = next(i for i in load_subjects(trained["dataset_dir"]).data if i["subject"] == kwargs["split"]["test"][0])
     transform = preprocess_transforms(PREPROCESS, with_label=True)
-    runs = [score_subject(item, transform, model, kwargs["scheduler"], make_noise("gaussian", seed=3),
-                          ScoreSettings(sampler="ddpm", t_start=1)) for _ in range(2)]
+    runs = [score_subject(item, transform, scorer) for _ in range(2)]
     assert np.array_equal(runs[0].score, runs[1].score) and runs[0].score.max() > 0
     assert runs[0].score.shape == nib.load(item["image"]).shape[:3]
     assert runs[0].grid["map"].shape == (1, 32, 32, runs[0].grid["image"].shape[-1])
@@ -307,9 +349,8 @@ def test_calibrated_patched_ensemble_scores_and_records_reconstruction(trained):
     cache = next(Path(trained["cache_dir"]).glob("*/cache.json")).parent
     settings = ScoreSettings(sampler="patched", patch_size=16, t_start=[5, 10], ddim_steps=1, residual_norm="intensity",
                              median_3d=3, min_component_voxels=3)
-    kwargs = _score_kwargs(trained, sections=("validation", "test"))
-    out = score_split(**{**kwargs, "settings": settings, "calibration_cache": cache,
-                         "out_dir": Path(trained["output_dir"]) / "calibrated"})
+    kwargs = _score_kwargs(trained, settings=settings, sections=("validation", "test"))
+    out = score_split(**{**kwargs, "calibration_cache": cache, "out_dir": Path(trained["output_dir"]) / "calibrated"})
     index = read_index(out)
     assert index["settings"]["t_start"] == [5, 10] and index["settings"]["calibration"]["residual_norm"] == "intensity"
     assert index["settings"]["calibration"]["component_threshold"] > 0
@@ -320,7 +361,7 @@ def test_calibrated_patched_ensemble_scores_and_records_reconstruction(trained):
         assert recon["healthy_voxels"] > 0 and recon["healthy_residual_sum"] > 0 and recon["healthy_slices"] > 0
         assert 0 < recon["ssim_sum"] <= recon["healthy_slices"]
     with pytest.raises(InputError, match="calibration_cache"):
-        score_split(**{**kwargs, "settings": settings})
+        score_split(**kwargs)
 
 
 def test_two_process_sharded_scoring_equals_single_process(trained):

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline import synth
+from pipeline import phantom, synth
 from pipeline.errors import InputError
 
 SEED, SPACING, N_HEALTHY, N_TUMOUR = 3, 4.0, 2, 3
@@ -60,7 +60,7 @@ def test_layout_and_dataset_json(task, meta):
 
 
 def test_images_and_labels(task, meta):
-    shape = tuple(round(mm / SPACING) for mm in synth.CANVAS_MM)
+    shape = tuple(round(mm / SPACING) for mm in phantom.CANVAS_MM)
     for index, healthy, img, lab in _subjects(task, meta):
         image, label = np.asarray(img.dataobj), np.asarray(lab.dataobj)
         assert image.shape == shape + (4,) and label.shape == shape
@@ -77,14 +77,14 @@ def test_images_and_labels(task, meta):
             assert {1, 2, 3} <= set(np.unique(label))
             whole = np.count_nonzero(label) / np.count_nonzero(brain)
             assert 0.015 < whole < 0.1
-        expected = synth.make_subject(index, not healthy, SEED, SPACING)
+        expected = phantom.make_subject(index, not healthy, SEED, SPACING)
         np.testing.assert_array_equal(image, expected[0])
         np.testing.assert_array_equal(label, expected[1])
 
 
 @pytest.mark.parametrize("index", [1, 2])
 def test_tumour_at_2mm_has_every_label(index):
-    image, label, affine = synth.make_subject(index, True, seed=0, spacing=2.0)
+    image, label, affine = phantom.make_subject(index, True, seed=0, spacing=2.0)
     assert image.shape == (120, 120, 78, 4) and image.dtype == np.float32 and label.dtype == np.uint8
     assert set(np.unique(label)) == {0, 1, 2, 3}
     np.testing.assert_allclose(np.diag(affine), [2, 2, 2, 1])
@@ -120,12 +120,12 @@ def test_contrast_ordering(task, meta):
 
     for index, _, img, lab in _subjects(task, meta):
         image, label = np.asarray(img.dataobj), np.asarray(lab.dataobj)
-        anatomy = synth.subject_anatomy(index, SEED, SPACING)
+        anatomy = phantom.subject_anatomy(index, SEED, SPACING)
         tissue = anatomy.paste(np.moveaxis(anatomy.tissue, 0, -1))
         healthy = label == 0
-        for name, k in zip(synth.HEALTHY_TISSUES, range(3)):
+        for name, k in zip(phantom.HEALTHY_TISSUES, range(3)):
             add(name, image[healthy & (tissue[..., k] > 0.6)])
-        for cls, name in synth.LABEL_TISSUES.items():
+        for cls, name in phantom.LABEL_TISSUES.items():
             add(name, image[label == cls])
     mean = {k: total / count for k, (total, count) in sums.items()}
     assert all(count > 20 for _, count in sums.values())
@@ -145,7 +145,7 @@ def test_monai_decathlon_dataset_loads(task):
                                      transform=monai.transforms.LoadImaged(keys=["image", "label"]))
     assert len(ds) == N_HEALTHY + N_TUMOUR
     item = ds[0]
-    shape = tuple(round(mm / SPACING) for mm in synth.CANVAS_MM)
+    shape = tuple(round(mm / SPACING) for mm in phantom.CANVAS_MM)
     assert tuple(item["image"].shape) == shape + (4,)
     assert tuple(item["label"].shape) == shape
 

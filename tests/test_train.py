@@ -13,9 +13,10 @@ import torch
 from ignite.engine import Events
 
 from pipeline.bundle import config_files, make_workflow, run_bundle
+from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import InputError
 from pipeline.noise import make_noise
-from pipeline.train import diffusion_unet, load_checkpoint, make_scheduler, total_steps, warmup_cosine
+from pipeline.train import diffusion_unet, make_scheduler, total_steps, warmup_cosine
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,84 @@
+"""Helpers and names several stages share, kept in one place so they cannot drift apart."""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import InputError
+
+TASK = "Task01_BrainTumour"
+"""The MSD task folder every dataset (real or synthetic) lives in."""
+SECTIONS = ("train", "validation", "test")
+"""The sections of a patient-level split."""
+BASELINE = "flair"
+"""Sampler name of the FLAIR-intensity baseline (no model; the map is the intensity)."""
+
+
+def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
+    """A JSON file's content; a missing, unreadable or malformed file is one :class:`InputError` line.
+
+    ``what`` names the file in the message; ``hint`` (optional) tells a user where it comes from.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, f"{what} not found" + (f" ({hint})" if hint else ""))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(path, f"unreadable {what} ({err.strerror or err})") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise InputError(path, f"unreadable {what}: malformed JSON ({err})") from None
+
+
+def read_optional_json(path: str | os.PathLike) -> dict | None:
+    """A JSON object, or None when the file is missing, unreadable or holds something else: for
+    files whose loss costs only time or detail (a hash cache, a run's own records on a site page)."""
+    try:
+        value = read_json(path, "JSON file")
+    except InputError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def is_int(value) -> bool:
+    """An integer, not a bool (``True`` would pass ``isinstance(value, int)`` as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value, finite: bool = True) -> bool:
+    """A real number, not a bool; finite unless ``finite=False`` (NaN and infinities pass then)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and (not finite or math.isfinite(value)))
+
+
+def save_nifti(path: str | os.PathLike, data: np.ndarray, like, description: str | None = None) -> None:
+    """Write ``data`` atomically as a NIfTI on the grid of ``like``, gzipped if ``path`` ends in ``.gz``.
+
+    ``like`` is either the input image (its header is kept, so qform / sform codes and units match
+    the input; its scaling and display window are dropped, since they describe other values) or a
+    4x4 affine (qform and sform code 1, mm units). nibabel gzips without name or time stamp, so the
+    same data gives the same bytes.
+    """
+    if isinstance(like, np.ndarray):
+        image = nib.Nifti1Image(data, like)
+        image.header.set_xyzt_units("mm")
+        image.set_qform(like, code=1)
+        image.set_sform(like, code=1)
+    else:
+        image = type(like)(data, like.affine, header=like.header.copy())
+        image.header.set_slope_inter(1.0, 0.0)
+        image.header["cal_min"], image.header["cal_max"] = 0, 0
+    image.header.set_data_dtype(data.dtype)
+    if description is not None:
+        image.header["descrip"] = description.encode()[:79]
+    with atomic_path(path, suffix=".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
+        nib.save(image, str(tmp))
