@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from pipeline.bundle import BUNDLE_DIR, config_files, run_bundle
-from pipeline.train import diffusion_unet, load_checkpoint, traced_diffusion_unet
+from pipeline.checkpoint import load_checkpoint
+from pipeline.train import diffusion_unet, traced_diffusion_unet
 from test_train import tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,10 +49,10 @@ def test_ckpt_export_gives_torchscript_equal_to_checkpoint(synth_root, tmp_path)
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
-    extra = {"metadata.json": "", "common.json": "", "inference.json": ""}
+    extra = {"metadata.json": "", "inference.json": ""}  # the config file(s) given, stored as JSON
     exported = torch.jit.load(str(model_ts), map_location="cpu", _extra_files=extra).eval()
     assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["timesteps"]["dtype"] == "long"
-    assert json.loads(extra["common.json"])["network_def"]["_target_"] == "pipeline.train.diffusion_unet"
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "pipeline.train.diffusion_unet"
 
     net = diffusion_unet(32, 1, (32, 32, 32)).eval()
     net.load_state_dict(load_checkpoint(model_pt))
