@@ -9,26 +9,63 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
+from .common import BASELINE
 from .errors import InputError
 
 BUNDLE_NAME = "brats_diffusion_anomaly"
 BUNDLE_DIR = Path(__file__).resolve().parent.parent / "bundles" / BUNDLE_NAME
 CONFIGS = {
-    "train": ["common.yaml", "train.yaml"],
-    "multi_gpu_train": ["common.yaml", "train.yaml", "multi_gpu_train.yaml"],
-    "inference": ["common.yaml", "inference.yaml"],
-    "multi_gpu_inference": ["common.yaml", "inference.yaml", "multi_gpu_inference.yaml"],
+    "train": ["train.yaml"],
+    "multi_gpu_train": ["train.yaml", "multi_gpu_train.yaml"],
+    "inference": ["inference.yaml"],
+    "multi_gpu_inference": ["inference.yaml", "multi_gpu_inference.yaml"],
     "evaluate": ["common.yaml", "evaluate.yaml"],
-    "train_guided": ["common.yaml", "train.yaml", "guided_train.yaml"],
-    "inference_guided": ["common.yaml", "inference.yaml", "guided_inference.yaml"],
+    "train_guided": ["train.yaml", "guided_train.yaml"],
+    "inference_guided": ["inference.yaml", "guided_inference.yaml"],
 }
+"""Config files of each workflow, merged in order. ``train.yaml`` and ``inference.yaml`` are complete
+(each holds a copy of ``common.yaml``, see :data:`STANDALONE_CONFIGS`), so each reads alone as MONAI's and
+model-zoo's tools read them; the other files are overlays on them (``evaluate.yaml`` on ``common.yaml``)."""
+
+SHARED_CONFIG = "common.yaml"
+STANDALONE_CONFIGS = ("train.yaml", "inference.yaml")
+"""Configs that carry ``common.yaml`` verbatim between :data:`SHARED_BEGIN` and :data:`SHARED_END`."""
+SHARED_BEGIN = "# >>> common.yaml, copied by `python -m pipeline.bundle sync`: edit common.yaml, not this block\n"
+SHARED_END = "# <<< common.yaml\n"
 
 
 def config_files(workflow: str, bundle_dir: str | Path = BUNDLE_DIR) -> list[str]:
-    """Config files (common first) that make up one workflow of the bundle."""
+    """Config files (a complete config first, then its overlays) that make up one workflow of the bundle."""
     if workflow not in CONFIGS:
         raise KeyError(f"unknown workflow {workflow!r}; choose one of {', '.join(CONFIGS)}")
     return [str(Path(bundle_dir) / "configs" / name) for name in CONFIGS[workflow]]
+
+
+def standalone_text(name: str, bundle_dir: str | Path = BUNDLE_DIR) -> str:
+    """What ``configs/<name>`` must hold: its own text with the marked block replaced by ``common.yaml``."""
+    configs = Path(bundle_dir) / "configs"
+    text = (configs / name).read_text()
+    begin, end = text.find(SHARED_BEGIN), text.find(SHARED_END)
+    if begin < 0 or end < begin:
+        raise InputError(configs / name, f"no block between the lines {SHARED_BEGIN.strip()!r} and "
+                                         f"{SHARED_END.strip()!r} to hold {SHARED_CONFIG}")
+    shared = (configs / SHARED_CONFIG).read_text()
+    return text[:begin] + SHARED_BEGIN + shared.rstrip("\n") + "\n" + text[end:]
+
+
+def stale_configs(bundle_dir: str | Path = BUNDLE_DIR) -> list[str]:
+    """Standalone configs whose copy of ``common.yaml`` differs from it (empty when all are in sync)."""
+    configs = Path(bundle_dir) / "configs"
+    return [name for name in STANDALONE_CONFIGS if (configs / name).read_text() != standalone_text(name, bundle_dir)]
+
+
+def sync_configs(bundle_dir: str | Path = BUNDLE_DIR) -> list[str]:
+    """Copy ``common.yaml`` into each standalone config; returns the files that changed."""
+    changed = stale_configs(bundle_dir)
+    for name in changed:
+        path = Path(bundle_dir) / "configs" / name
+        path.write_text(standalone_text(name, bundle_dir))
+    return changed
 
 
 @lru_cache(maxsize=None)
@@ -131,7 +168,7 @@ SCORING_WORKFLOWS = ("inference", "multi_gpu_inference", "inference_guided")
 def with_model_card(workflow: str, bundle_dir: Path, overrides: dict) -> dict:
     """Scoring settings the user did not give are taken from the model's card; a contradicting one
     is refused (:mod:`pipeline.model_card`). The FLAIR baseline loads no model."""
-    if workflow not in SCORING_WORKFLOWS or overrides.get("sampler") == "flair":
+    if workflow not in SCORING_WORKFLOWS or overrides.get("sampler") == BASELINE:
         return overrides
     from monai.bundle import ConfigParser
 
@@ -177,3 +214,22 @@ def run_bundle(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: str
         flow.run()
         flow.finalize()
     return flow
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.bundle sync [--check]``: copy common.yaml into the standalone configs
+    (``--check``: only report the stale ones, exit 1 if any)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bundle", description=main.__doc__)
+    parser.add_argument("command", choices=["sync"])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a copy is stale")
+    args = parser.parse_args(argv)
+    stale = stale_configs() if args.check else sync_configs()
+    for name in stale:
+        print(f"{'stale' if args.check else 'updated'}: {BUNDLE_DIR / 'configs' / name}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
