@@ -90,16 +90,18 @@ def _cmd_bundle(workflow: str):
 
 def _run_torchrun(workflow: str, nproc: int, overrides: dict, quiet: bool = False) -> None:
     """``python -m monai.bundle run`` under torchrun; quiet: the ranks' stdout (logs) is dropped,
-    warnings and errors reach stderr."""
+    warnings and errors reach stderr. Scoring settings missing from ``overrides`` come from the model card,
+    as in a single process (:func:`pipeline.bundle.with_model_card`)."""
     import json
     import subprocess
 
-    from .bundle import BUNDLE_DIR, config_files
+    from .bundle import BUNDLE_DIR, config_files, with_model_card
 
+    overrides = with_model_card(workflow, BUNDLE_DIR, {"bundle_root": str(BUNDLE_DIR), **overrides})
     files = "[" + ",".join(repr(f) for f in config_files(workflow)) + "]"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "monai.bundle", "run",
            "--config_file", files]
-    for key, value in {"bundle_root": str(BUNDLE_DIR), **overrides}.items():
+    for key, value in overrides.items():
         cmd += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
     code = subprocess.call(cmd, stdout=subprocess.DEVNULL if quiet else None)
     if code:
@@ -138,7 +140,7 @@ def _bundle_summary(workflow: str, get) -> str:
 def _cmd_benchmark(args) -> None:
     from .benchmark import load_protocol, run_benchmark, validation_only
     from .bundle import quiet_logs
-    from .leaderboard import show
+    from .ranking import show
 
     overrides = parse_assignments(args.set)
     protocol = load_protocol(args.protocol, overrides)
@@ -188,7 +190,7 @@ def _cmd_init(args) -> None:
 
 
 def _cmd_show(args) -> None:
-    from .leaderboard import show
+    from .ranking import show
 
     print(show(args.leaderboard, protocol_id=args.protocol_id, metric=args.metric, html_path=args.html))
 

@@ -27,30 +27,18 @@ that names it, so a row never lacks its sidecar; a writer killed in between leav
 no row and perhaps a temporary file, which the next writer removes while it holds the lock (every
 writer holds it while writing, so whatever it finds is a dead writer's).
 
-Paired test over patients. Beside ``<name>.csv`` lives ``<name>.subjects/<row_id>.json`` with
-per-test-subject AUROC, AUPRC (``null`` for a subject without tumour or without healthy voxels,
-where they are undefined) and Dice at the validation threshold. :func:`ranked_table` compares
-each entry with the best entry sharing its protocol (id and hash), dataset and split by a
-two-sided Wilcoxon signed-rank test on the per-subject differences (``scipy.stats.wilcoxon``,
-zero differences dropped). Why this and not a pooled-voxel paired bootstrap over patients: that
-needs every voxel score of both methods, which the CSV does not keep, and a bootstrap over a
-handful of test patients is anti-conservative (two patients that both favour A already give
-p ~ 0.002), while the exact signed-rank test states honestly that fewer than 6 paired patients
-can never reach p < 0.05. The test is on per-subject values (the BraTS-style per-case
-comparison), the ranking on pooled values; both are reported.
+Ranking and the paired test over patients live in :mod:`pipeline.ranking`.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import html
 import math
 import numbers
 import re
 import unicodedata
 import uuid
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path, write_json
-from .common import is_int, is_real, read_json, read_optional_json
+from .common import is_int, is_real, read_json
 from .registry import bound_protocol, check_provenance, field, locked, registry_path
 from .errors import InputError
 from .metrics import METRICS, pixel_metrics
@@ -113,7 +101,6 @@ COMPARABLE = ("protocol_id", "protocol_hash", "dataset_fingerprint", "split_fing
 DUPLICATE_KEY = ("method", "protocol_hash", "dataset_fingerprint", "split_fingerprint", "config_hash", "seed",
                  "code_version")
 """A second row equal on all of these is the same run submitted again, and is refused."""
-ALPHA = 0.05
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -264,7 +251,8 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
 # ----------------------------------------------------------------------------- writing
 
 
-def _subjects_dir(csv_path) -> Path:
+def subjects_dir(csv_path) -> Path:
+    """``<name>.subjects/`` beside ``<name>.csv``: one per-test-subject JSON per row."""
     csv_path = Path(csv_path)
     return csv_path.with_name(csv_path.stem + ".subjects")
 
@@ -296,7 +284,7 @@ def _remove_dead_writers_files(csv_path: Path, rows: list[list[str]]) -> None:
         tmp.unlink(missing_ok=True)
     for tmp in csv_path.parent.glob(f".{registry_path(csv_path).name}.*.tmp"):
         tmp.unlink(missing_ok=True)
-    folder = _subjects_dir(csv_path)
+    folder = subjects_dir(csv_path)
     if folder.is_dir():
         landed = {r[0] for r in rows}
         for path in folder.iterdir():
@@ -327,7 +315,7 @@ def append_row(csv_path, row: dict) -> None:
         _remove_dead_writers_files(csv_path, rows)
         _refuse_duplicates(csv_path, rows, cells, row)
         if row.get("subjects") is not None:
-            write_json(_subjects_dir(csv_path) / f"{row['row_id']}.json",
+            write_json(subjects_dir(csv_path) / f"{row['row_id']}.json",
                        {"row_id": row["row_id"], "method": row["method"], "subjects": row["subjects"]})
         with atomic_path(csv_path, suffix=".csv") as tmp:
             with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -368,117 +356,3 @@ def read_leaderboard(csv_path) -> pd.DataFrame:
         except ValueError as err:
             raise InputError(csv_path, f"column {column}: {err}") from None
     return df
-
-
-def _load_subjects(folder: Path, row_id: str) -> dict | None:
-    if not ROW_ID_PATTERN.fullmatch(str(row_id)):
-        return None
-    return (read_optional_json(folder / f"{row_id}.json") or {}).get("subjects")
-
-
-def paired_wilcoxon(a: dict, b: dict, metric: str) -> tuple[float, float, int]:
-    """(mean of a - b, two-sided signed-rank p, subjects) over subjects where both values exist."""
-    from scipy.stats import wilcoxon
-
-    common = sorted(s for s in set(a) & set(b) if a[s].get(metric) is not None and b[s].get(metric) is not None)
-    d = np.array([a[s][metric] - b[s][metric] for s in common], dtype=np.float64)
-    if d.size == 0:
-        return math.nan, math.nan, 0
-    if not np.any(d):
-        return 0.0, 1.0, d.size
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # few subjects: scipy warns, the p-value stays valid
-        p = float(wilcoxon(d, zero_method="wilcox").pvalue)
-    return float(d.mean()), p, int(d.size)
-
-
-def ranked_table(csv_path, protocol_id=None, metric: str = "auprc") -> pd.DataFrame:
-    """Rows sorted best-first by ``metric`` (ties: earlier submission first), with ``rank`` (among rows
-    of the same protocol hash, dataset and split, the only ones that are comparable) and, per
-    entry, the paired test against the best entry sharing its protocol, dataset and split:
-    ``top_row_id`` (the entry compared with; its own id for a top entry), ``diff_vs_top`` (mean
-    per-subject top - entry), ``p_vs_top``, ``paired_subjects`` and ``differs_from_top``
-    (p < 0.05; None for a top entry and where no test is possible)."""
-    if metric not in METRICS:
-        raise InputError("metric", f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    df = read_leaderboard(csv_path)
-    if protocol_id is not None:
-        df = df[df["protocol_id"] == protocol_id]
-    df = df.sort_values([metric, "submitted_at"], ascending=[False, True], kind="stable", na_position="last")
-    df = df.reset_index(drop=True)
-    df.insert(0, "rank", df.groupby(list(COMPARABLE), sort=False).cumcount() + 1)  # within comparable rows
-    folder = _subjects_dir(csv_path)
-    subjects = {rid: _load_subjects(folder, rid) for rid in df["row_id"]}
-    tops: dict[tuple, str] = {}
-    tests = []
-    for _, row in df.iterrows():
-        top = tops.setdefault(tuple(row[c] for c in COMPARABLE), row["row_id"])
-        a, b = subjects[top], subjects[row["row_id"]]
-        if top == row["row_id"] or a is None or b is None:
-            tests.append((top, math.nan, math.nan, 0, None))
-            continue
-        diff, p, n = paired_wilcoxon(a, b, metric)
-        tests.append((top, diff, p, n, None if math.isnan(p) else bool(p < ALPHA)))
-    cols = ["top_row_id", "diff_vs_top", "p_vs_top", "paired_subjects", "differs_from_top"]
-    for i, col in enumerate(cols):
-        df[col] = pd.Series([t[i] for t in tests], index=df.index, dtype=object if col == "differs_from_top" else None)
-    return df
-
-
-# ----------------------------------------------------------------------------- display
-
-ADDED_DISPLAY = {"subject_auroc": ("subject AUROC", ".3f"), "fp_ml_healthy": ("FP ml healthy", ".2f"),
-                 "healthy_residual": ("val residual", ".4f"), "residual_ratio": ("val tumour/healthy", ".2f"),
-                 "psnr": ("val PSNR", ".2f"), "ssim": ("val SSIM", ".3f")}
-"""Header and format of the added columns in the ranked table (blank where a row lacks them)."""
-
-
-def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    def num(x, spec=".3f"):
-        return "" if pd.isna(x) else format(x, spec)
-
-    def differs(row):
-        if row["top_row_id"] == row["row_id"]:
-            return "top"
-        if row["differs_from_top"] is None:
-            return "n/a"
-        return f"{'yes' if row['differs_from_top'] else 'no'} (p={row['p_vs_top']:.2g}, n={row['paired_subjects']})"
-
-    rows = [r for _, r in table.iterrows()]
-    return pd.DataFrame({
-        "rank": table["rank"].astype(str), "method": table["method"],
-        "supervision": table["supervision"].map(lambda v: v or SUPERVISION[0]),
-        "test n": table["test_subjects"].map(lambda n: "" if pd.isna(n) else str(int(n))),
-        f"{metric} [95% CI]": [f"{num(r[metric])} [{num(r[metric + '_ci_low'])}, {num(r[metric + '_ci_high'])}]"
-                               for r in rows],
-        **{m: table[m].map(num) for m in (*METRICS, "dice_oracle") if m != metric},
-        **{label: [num(x, spec) for x in table[c]] for c, (label, spec) in ADDED_DISPLAY.items()},
-        f"differs from top (p<{ALPHA:g})": [differs(r) for r in rows],
-        "protocol": table["protocol_id"], "seed": table["seed"].map(lambda s: "" if pd.isna(s) else str(int(s))),
-        "code": table["code_version"], "submitted (UTC)": table["submitted_at"],
-    })
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    def cell(text) -> str:  # no column breaks
-        return str(text).replace("\\", "\\\\").replace("|", "\\|")
-
-    def value(text) -> str:  # user text: no raw HTML for Markdown renderers
-        return cell(html.escape(str(text), quote=False))
-
-    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
-             "|" + "|".join("---" for _ in frame.columns) + "|"]
-    lines += ["| " + " | ".join(value(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def show(csv_path, protocol_id=None, metric: str = "auprc", html_path=None) -> str:
-    """The ranked table as Markdown (returned); with ``html_path`` also written there as HTML."""
-    frame = _display(ranked_table(csv_path, protocol_id, metric), metric)
-    if html_path is not None:
-        title = html.escape(f"Leaderboard {protocol_id or ''} ranked by {metric}".replace("  ", " "))
-        body = frame.to_html(index=False, escape=True, border=0)
-        with atomic_path(html_path, suffix=".html") as tmp:
-            tmp.write_text(f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n"
-                           f"<body><h1>{title}</h1>\n{body}\n</body></html>\n", encoding="utf-8")
-    return _markdown(frame)

@@ -40,7 +40,12 @@ def reduce_channels(residual: torch.Tensor, how: str = "max") -> torch.Tensor:
 
 def erode(mask: torch.Tensor, iterations: int = 1) -> torch.Tensor:
     """Binary erosion of (B, 1, H, W) masks by a 3x3 square, per slice: drops the brain rim, where
-    reconstructions of the skull-stripped edge are poor in healthy tissue too."""
+    reconstructions of the skull-stripped edge are poor in healthy tissue too.
+
+    A min-pool rather than MONAI's ``utils_morphological_ops.erode``: the same values (outside the
+    image counts as mask, checked in the tests) at about a third of the time (24 vs 67 ms for 70
+    slices of 64x64, 2 busy CPU cores), since MONAI convolves with a ones kernel and thresholds.
+    """
     out = mask.float()
     for _ in range(int(iterations)):
         out = -F.max_pool2d(-out, kernel_size=3, stride=1, padding=1)

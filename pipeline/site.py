@@ -23,7 +23,8 @@ import pandas as pd
 from .atomic import atomic_dir
 from .common import is_real, read_optional_json
 from .errors import InputError
-from .leaderboard import ALPHA, COMPARABLE, ROW_ID_PATTERN, ranked_table
+from .leaderboard import COMPARABLE, ROW_ID_PATTERN
+from .ranking import ALPHA, ranked_table
 from .webpage import esc, facts, href, html_page, html_table, missing, num, short, sort_key, td
 
 MARKER = ".leaderboard-site"

@@ -22,6 +22,8 @@ def make_split(subjects: Sequence[str], fractions: Sequence[float] = (0.6, 0.2, 
 
     ``test`` fixes the test section (a dataset's listed test images, whose labels are hidden);
     ``subjects`` (the other ones) then go to train and validation in the ratio of their fractions.
+    Not MONAI's ``partition_dataset``: it cannot hold a given test section fixed, and its rounding and
+    shuffle would move subjects of the splits the published protocols are bound to.
     """
     subjects = sorted(subjects)
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:

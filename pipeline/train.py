@@ -274,7 +274,13 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def ema_model(network: torch.nn.Module, decay: float = 0.999) -> AveragedModel:
-    """Exponential moving average of the weights (what inference uses)."""
+    """Exponential moving average of the weights (what inference uses).
+
+    PyTorch's ``AveragedModel`` rather than Ignite's ``EMAHandler``: the EMA starts from the weights
+    after the first step (EMAHandler's from those at attach time, before any step), and its state
+    dict is what ``model.pt`` and every checkpoint hold; switching would change every trained model
+    and break resuming from existing checkpoints.
+    """
     if not 0 < decay < 1:
         raise InputError("ema_decay", f"must be in (0, 1), got {decay}")
     module = unwrap(network)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +160,30 @@ def test_real_data_protocol_runs_on_tiny_data_through_overrides(synth_root, tmp_
     assert len(index["preprocess"]["modalities"]) == 4
     board = pd.read_csv(tmp_path / "leaderboard.csv")
     assert len(board) == 3 and set(board["protocol_id"]) == {"msd-task01-v1"}
+
+
+def test_methods_protocol_runs_guided_and_coarse_entries_on_tiny_data(synth_root, tmp_path):
+    """configs/benchmark/methods.yaml, shrunk to seconds: the coarse-noise entry trains with coarse noise,
+    the guided entry trains and scores through its own workflows into its own model folder, and the
+    leaderboard marks it as weakly supervised."""
+    overrides = {"dataset.dir": str(synth_root), "bundle.image_size": 32, "bundle.pixdim": [4.0, 4.0, 4.0],
+                 "split.seed": 1, "bundle.unet_channels": [32, 32, 32], "bundle.norm_num_groups": 16, "bundle.train_steps": 2,
+                 "bundle.batch_size": 16, "bundle.num_workers": 1, "bundle.lr_warmup_steps": 1,
+                 "evaluation.bootstrap_resamples": 50}
+    path = REPO / "configs" / "benchmark" / "methods.yaml"
+    runs = run_benchmark(path, tmp_path / "results", tmp_path / "leaderboard.csv", progress=False, overrides=overrides)
+    by_name = {r.name.rsplit("-s", 1)[0]: r for r in runs}
+    assert set(by_name) == {"flair-baseline", "flair-baseline-m3d", "diffusion-x0-4ch", "coarse-x0-4ch", "guided-4ch"}
+    models = {name: Path(json.loads((run / "config.json").read_text())["ckpt_dir"]) for name, run in by_name.items()}
+    trained = {name: json.loads((models[name] / "train.json").read_text())
+               for name in ("diffusion-x0-4ch", "coarse-x0-4ch", "guided-4ch")}
+    assert trained["guided-4ch"]["workflow"] == "train_guided" and trained["diffusion-x0-4ch"]["workflow"] == "train"
+    assert trained["coarse-x0-4ch"]["settings"]["noise"] == "coarse"
+    assert len({models[name] for name in trained}) == 3  # three distinct models
+    guided = json.loads((by_name["guided-4ch"] / "scores" / "index.json").read_text())["settings"]
+    assert guided["sampler"] == "guided" and guided["prediction_type"] == "epsilon"
+    coarse = json.loads((by_name["coarse-x0-4ch"] / "scores" / "index.json").read_text())["settings"]
+    assert "coarse" in coarse["noise"]
+    board = pd.read_csv(tmp_path / "leaderboard.csv").set_index("method")
+    assert board.loc[by_name["guided-4ch"].name, "supervision"] == "weak slice labels"
+    assert (board.drop(index=by_name["guided-4ch"].name)["supervision"] == "unsupervised").all()

@@ -26,8 +26,9 @@ from pipeline.atomic import write_json
 from pipeline.data import dataset_fingerprint, load_subjects
 from pipeline.errors import InputError
 from pipeline.evaluate import compute_metrics
-from pipeline.leaderboard import (ADDED_COLUMNS, COLUMNS, append_row, check_method_name, ranked_table,
-                                  read_leaderboard, show, submission_row, submit)
+from pipeline.leaderboard import (ADDED_COLUMNS, COLUMNS, append_row, check_method_name, read_leaderboard,
+                                  submission_row, submit)
+from pipeline.ranking import ranked_table, show
 from pipeline.registry import protocol_hash, protocol_record, split_fingerprint
 from pipeline.split import make_split
 

@@ -27,7 +27,8 @@ from test_leaderboard import N_BOOT, fake_row, good_map, make_run, usable_split
 from pipeline.atomic import write_json
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.leaderboard import append_row, read_leaderboard, show, submit
+from pipeline.leaderboard import append_row, read_leaderboard, submit
+from pipeline.ranking import show
 from pipeline.registry import protocol_hash, protocol_record, registry_path
 
 

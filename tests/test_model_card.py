@@ -79,3 +79,18 @@ def test_bundle_scoring_follows_the_card_of_a_simplex_model(synth_root, tmp_path
         make_workflow("inference", **scoring, noise="gaussian")
     found = find_input_error(info.value)
     assert found is not None and "noise='gaussian' (trained with 'simplex')" in found.problem
+
+
+def test_multi_process_scoring_takes_the_card_too(model, monkeypatch):
+    """`pipeline score --nproc N` fills the settings from the card before torchrun starts the ranks."""
+    import subprocess
+
+    from pipeline import cli
+
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kwargs: launched.append(cmd) or 0)
+    cli._run_torchrun("multi_gpu_inference", 2, {"model_path": str(model), "sampler": "x0"})
+    args = launched[0]
+    assert args[args.index("--noise") + 1] == "simplex" and args[args.index("--image_size") + 1] == "16"
+    with pytest.raises(InputError, match="trained with"):
+        cli._run_torchrun("multi_gpu_inference", 2, {"model_path": str(model), "noise": "gaussian"})

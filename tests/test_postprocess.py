@@ -181,3 +181,17 @@ def test_2d_median_network_equals_sorted_median():
     expected = windows.median(dim=2).values.view(5, 1, 17, 12)
     assert torch.equal(median_filter(maps, 3), expected)
     assert median_filter(maps, 5).shape == maps.shape
+
+
+def test_erode_equals_monai_erosion():
+    """The hand-written min-pool erosion gives MONAI's binary erosion (outside the image counts as mask)."""
+    from monai.transforms.utils_morphological_ops import erode as monai_erode
+
+    from pipeline.postprocess import erode
+
+    mask = (torch.rand(6, 1, 24, 24, generator=torch.Generator().manual_seed(0)) > 0.3).float()
+    mask[:, :, 4:20, 4:20] = 1
+    expected = mask
+    for iterations in (1, 2):
+        expected = monai_erode(expected, filter_size=3, pad_value=1.0)
+        assert torch.equal(erode(mask, iterations), expected.float())

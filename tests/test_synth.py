@@ -169,3 +169,13 @@ def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(InputError):
         synth.generate_dataset(tmp_path, progress=False, **kwargs)
     assert not (tmp_path / "Task01_BrainTumour").exists()
+
+
+def test_rotation_is_scipys_extrinsic_xyz():
+    from scipy.spatial.transform import Rotation
+
+    from pipeline.phantom import _rotation
+
+    angles = np.random.default_rng(0).uniform(-0.3, 0.3, size=(5, 3))
+    for a in angles:
+        np.testing.assert_allclose(_rotation(a), Rotation.from_euler("xyz", a).as_matrix(), atol=1e-12)
