@@ -49,6 +49,24 @@ def read_optional_json(path: str | os.PathLike) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+def confined_path(folder: Path, relative: str, source, what: str, folder_name: str) -> Path:
+    """``folder / relative`` resolved, refused unless it stays inside ``folder``: paths read from files a
+    user brings (dataset.json, a scores index) must not make the pipeline read any file on the machine.
+
+    Absolute paths, ``..`` and symlinks that lead out are one :class:`InputError` line naming ``source``;
+    ``what`` names the entry and ``folder_name`` the folder in the message.
+    """
+    path = Path(relative)
+    if path.is_absolute():
+        raise InputError(source, f"{what} {relative!r} is an absolute path; paths must be relative to the {folder_name}")
+    if ".." in path.parts:
+        raise InputError(source, f"{what} {relative!r} contains '..'; paths must stay inside the {folder_name}")
+    resolved = (folder / path).resolve()
+    if not resolved.is_relative_to(Path(folder).resolve()):
+        raise InputError(source, f"{what} {relative!r} leaves the {folder_name} through a symlink (-> {resolved})")
+    return resolved
+
+
 def is_int(value) -> bool:
     """An integer, not a bool (``True`` would pass ``isinstance(value, int)`` as 1)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -19,7 +19,7 @@ from filelock import FileLock
 from monai.apps import DecathlonDataset
 
 from .atomic import write_json
-from .common import TASK, read_json
+from .common import TASK, confined_path, read_json
 from .errors import InputError
 from .layout import HIDDEN_TEST_KEY
 from .split import load_or_make_split, make_split, read_or_make_split
@@ -162,17 +162,7 @@ def check_listed_path(task_dir: Path, listed: str, entry: str) -> Path:
 
     Absolute paths, ``..`` and symlinks whose target lies outside would let a dataset.json make the
     pipeline read (and report on) any file on the machine, e.g. ``/etc/passwd`` as a test image."""
-    source = task_dir / "dataset.json"
-    relative = Path(listed)
-    if relative.is_absolute():
-        raise InputError(source, f"{entry} {listed!r} is an absolute path; paths must be relative to the "
-                                 "dataset folder")
-    if ".." in relative.parts:
-        raise InputError(source, f"{entry} {listed!r} contains '..'; paths must stay inside the dataset folder")
-    resolved = (task_dir / relative).resolve()
-    if not resolved.is_relative_to(task_dir.resolve()):
-        raise InputError(source, f"{entry} {listed!r} leaves the dataset folder through a symlink (-> {resolved})")
-    return resolved
+    return confined_path(task_dir, listed, task_dir / "dataset.json", entry, "dataset folder")
 
 
 def subject_id(path: str | os.PathLike) -> str:

@@ -30,7 +30,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, write_json
-from .common import BASELINE, save_nifti
+from .common import BASELINE, confined_path, save_nifti
 from .data import has_hidden_label, load_subjects
 from .errors import InputError
 from .layout import HIDDEN_TEST_KEY, ground_truth_label
@@ -122,12 +122,7 @@ def map_path(scores_dir: Path, name: str, row: dict) -> Path:
     rel = files.get("score") if isinstance(files, dict) else None
     if not isinstance(rel, str) or not rel:
         raise InputError(index_path, f"subject {name!r}: needs files.score, a path inside the scores folder")
-    if Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise InputError(index_path, f"subject {name!r}: map path {rel!r} must be relative, without '..'")
-    path = (scores_dir / rel).resolve()
-    if not path.is_relative_to(scores_dir.resolve()):
-        raise InputError(index_path, f"subject {name!r}: map path {rel!r} leaves the scores folder (-> {path})")
-    return path
+    return confined_path(scores_dir, rel, index_path, f"subject {name!r}: map path", "scores folder")
 
 
 def _section_names(index: dict, scores_dir: Path, section: str) -> list[str]:

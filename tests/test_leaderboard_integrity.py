@@ -160,7 +160,7 @@ def test_map_paths_that_leave_the_run_are_refused(official, tmp_path, attack):
         with pytest.raises(InputError, match="is the label file"):
             load_subject_maps({"image": str(label).replace("labelsTr", "imagesTr"), "label": str(local)}, item)
         return
-    with pytest.raises(InputError, match="must be relative|leaves the scores folder") as err:
+    with pytest.raises(InputError, match="must be relative|must stay inside|leaves the scores folder") as err:
         submit(run, tmp_path / "lb.csv", official["binding"], n_boot=N_BOOT)
     assert err.value.source.endswith("index.json")
 
