@@ -1,8 +1,8 @@
 """Train stage: DiffusionModelUNet on healthy slices, driven by ``monai.engines.SupervisedTrainer``.
 
-This module holds the pieces the bundle's ``train`` config wires together: the network and
-scheduler factories (which validate their settings), a prepare-batch that draws Gaussian or
-simplex noise, an EMA of the weights, atomic checkpoints with resume (built on
+This module holds the pieces the bundle's ``train`` config wires together (the network and
+scheduler factories live in :mod:`pipeline.network`): a prepare-batch that draws Gaussian,
+simplex or coarse noise, an EMA of the weights, atomic checkpoints with resume (built on
 :mod:`pipeline.checkpoint`), and the loaders.
 """
 
@@ -12,15 +12,11 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
-from unittest import mock
 
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, ProgressBar
 from monai.engines import DiffusionPrepareBatch
-from monai.networks.nets import DiffusionModelUNet
-from monai.networks.nets import diffusion_model_unet as _dmu
 from monai.networks.schedulers import DDPMScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -28,97 +24,34 @@ from torch.utils.data import DataLoader
 
 from .atomic import atomic_path, remove_orphans
 from .checkpoint import (CHECKPOINT_PREFIX, EpochSampler, GlobalRNG, KillSafeSaver, checkpoint_files, checkpoint_step,
-                         from_rank_zero, load_checkpoint, load_state, rank_and_world, replay_position)
+                         from_rank_zero, gather, load_checkpoint, load_state, rank_and_world, replay_position)
 from .common import is_int
 from .errors import InputError
 from .noise import NoiseGenerator
 from .slice_cache import LabelledSliceDataset, SliceDataset
 
-SCHEDULES = {"linear": "linear_beta", "scaled_linear": "scaled_linear_beta", "cosine": "cosine"}
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-
-
-# ----------------------------------------------------------------------------------------------
-# network and scheduler
-
-
-def diffusion_unet(
-    image_size: int,
-    in_channels: int = 1,
-    channels: Sequence[int] = (32, 64, 64),
-    attention_levels: Sequence[bool] = (False, False, True),
-    num_res_blocks: int = 1,
-    num_head_channels: int = 32,
-    norm_num_groups: int = 32,
-    num_class_embeds: int | None = None,
-) -> DiffusionModelUNet:
-    """2D DiffusionModelUNet, refusing image sizes its down/up-sampling path cannot take.
-
-    ``num_class_embeds``: a class-conditional network (a learned embedding per class added to the
-    timestep embedding; :mod:`pipeline.guided`); None, the default, is the unconditional one.
-    """
-    factor = 2 ** (len(channels) - 1)
-    if int(image_size) % factor:
-        raise InputError("image_size", f"{image_size} is not divisible by {factor}, which a UNet with "
-                                       f"{len(channels)} levels needs; use e.g. {int(image_size) // factor * factor or factor}")
-    if len(attention_levels) != len(channels):
-        raise InputError("attention_levels", f"needs one entry per level ({len(channels)}), got {list(attention_levels)}")
-    bad = [c for c in channels if c % norm_num_groups]
-    if bad:
-        raise InputError("channels", f"{bad} not divisible by norm_num_groups={norm_num_groups}")
-    return DiffusionModelUNet(
-        spatial_dims=2, in_channels=in_channels, out_channels=in_channels, channels=tuple(channels),
-        attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
-        num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
-        num_class_embeds=None if num_class_embeds is None else int(num_class_embeds),
-    )
-
-
-def traced_diffusion_unet(image_size: int, in_channels: int = 1, **kwargs) -> torch.jit.ScriptModule:
-    """:func:`diffusion_unet` traced to TorchScript, for ``python -m monai.bundle ckpt_export``.
-
-    DiffusionModelUNet cannot be scripted (MONAI's attention and upsample blocks), and
-    ckpt_export's ``--use_trace`` feeds the network one tensor while the UNet takes ``(x, timesteps)``.
-    Exporting with ``--network_def#_target_ pipeline.train.traced_diffusion_unet`` makes
-    ``network_def`` this traced module instead; ckpt_export loads the checkpoint into it (same
-    parameter names) and saves it. The timestep embedding is scripted inside the trace, so no device
-    is baked into the exported model; batch size stays free.
-    """
-    net = diffusion_unet(image_size, in_channels, **kwargs).eval()
-    x = torch.zeros(1, int(in_channels), int(image_size), int(image_size))
-    timesteps = torch.zeros(1, dtype=torch.long)
-    embedding = torch.jit.script(_dmu.get_timestep_embedding)  # traced, torch.arange would pin the device
-    with torch.no_grad(), warnings.catch_warnings(), mock.patch.object(_dmu, "get_timestep_embedding", embedding):
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # GroupNorm's batch-size check only
-        # check_trace would trace twice more to compare; tests/test_export.py compares outputs instead
-        return torch.jit.trace(net, (x, timesteps), check_trace=False)
-
-
-def make_scheduler(schedule: str = "linear", num_train_timesteps: int = 1000,
-                   prediction_type: str = "epsilon") -> DDPMScheduler:
-    """DDPMScheduler with a named beta schedule and prediction target, validated up front."""
-    if schedule not in SCHEDULES:
-        raise InputError("schedule", f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise InputError("prediction_type", f"unknown prediction type {prediction_type!r}; "
-                                            f"choose one of {', '.join(PREDICTION_TYPES)}")
-    return DDPMScheduler(num_train_timesteps=num_train_timesteps, schedule=SCHEDULES[schedule],
-                         prediction_type=prediction_type)
-
-
 # ----------------------------------------------------------------------------------------------
 # batches
+
+
+RANK_SEED_STRIDE = 1000
+"""Seed offset between DDP ranks' noise streams (far from the +1 validation stream)."""
 
 
 class NoisePrepareBatch(DiffusionPrepareBatch):
     """Draws epsilon from the run's NoiseGenerator and timesteps from its own seeded generator.
 
     The target follows the scheduler's prediction type (epsilon, x0 or v). Its state is
-    checkpointed so a resumed run continues the same noise stream.
+    checkpointed so a resumed run continues the same noise stream. Under DDP every rank draws its own
+    streams (seed offset by :data:`RANK_SEED_STRIDE` times its rank; rank 0 keeps the run's seed):
+    with one seed all ranks would noise their different slices with identical noise and timesteps.
     """
 
     def __init__(self, scheduler: DDPMScheduler, noise: NoiseGenerator, seed: int = 0, patch_size: int | None = None):
         super().__init__(num_train_timesteps=scheduler.num_train_timesteps)
+        rank = rank_and_world()[0]
+        if rank:
+            seed, noise = seed + RANK_SEED_STRIDE * rank, noise.with_seed(noise.seed + RANK_SEED_STRIDE * rank)
         self.scheduler, self.noise, self.seed = scheduler, noise, seed
         self.patch_size = None if patch_size is None else int(patch_size)
         if self.patch_size is not None and self.patch_size < 1:
@@ -169,11 +102,15 @@ class NoisePrepareBatch(DiffusionPrepareBatch):
         self.noise.reset()
 
     def state_dict(self) -> dict:
-        return {"timesteps": self.generator.get_state(), "noise": self.noise.state_dict()}
+        """Every rank's streams (collective under DDP, like :class:`GlobalRNG`): rank 0 saves them all."""
+        return {"ranks": gather({"timesteps": self.generator.get_state(), "noise": self.noise.state_dict()})}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["timesteps"])
-        self.noise.load_state_dict(state["noise"])
+        """This rank's streams (a checkpoint from before per-rank streams holds one, which every rank takes)."""
+        ranks = state.get("ranks", [state])
+        own = ranks[min(rank_and_world()[0], len(ranks) - 1)]
+        self.generator.set_state(own["timesteps"])
+        self.noise.load_state_dict(own["noise"])
 
 
 def clean_outside(images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler,

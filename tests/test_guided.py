@@ -21,7 +21,7 @@ from pipeline.samplers import _ddim_from, ddim_timesteps
 from pipeline.maps import read_index
 from pipeline.score import SAMPLER_NAMES, ScoreSettings
 from pipeline.slice_cache import LabelledSliceDataset, build_labelled_slice_cache
-from pipeline.train import diffusion_unet, make_scheduler
+from pipeline.network import diffusion_unet, make_scheduler
 from pipeline.transforms import preprocess_transforms
 from test_score import Oracle
 from test_train import as_cli, tiny

@@ -9,7 +9,8 @@ import torch
 
 from pipeline.errors import InputError
 from pipeline.model_card import ENFORCED, apply_card, card_path, check_card, read_card
-from pipeline.train import diffusion_unet, save_model
+from pipeline.network import diffusion_unet
+from pipeline.train import save_model
 
 TRAINED = {"noise": "simplex", "simplex_octaves": 6, "simplex_persistence": 0.8, "simplex_feature_size": None,
            "coarse_resolution": None, "schedule": "linear", "num_train_timesteps": 1000, "prediction_type": "sample",

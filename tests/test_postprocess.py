@@ -13,7 +13,8 @@ from pipeline.postprocess import (HealthyResidualStats, map_from_residual, media
 from pipeline.samplers import (ddim_reconstruct, noise_patch, patch_grid, patch_masks, patched_reconstruct,
                                x0_reconstruct)
 from pipeline.score import Scorer, ScoreSettings, noise_streams, reconstruct
-from pipeline.train import NoisePrepareBatch, clean_outside, make_scheduler
+from pipeline.network import make_scheduler
+from pipeline.train import NoisePrepareBatch, clean_outside
 from test_score import Oracle, _slices
 
 

@@ -22,7 +22,7 @@ from pipeline.maps import invert_to_original, preprocess_subject, read_index
 from pipeline.samplers import ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, noise_to
 from pipeline.score import (SAMPLER_NAMES, SAMPLERS, Scorer, ScoreSettings, anomaly_map, load_scorer, noise_streams,
                             reconstruct, score_split, score_subject)
-from pipeline.train import diffusion_unet, make_scheduler
+from pipeline.network import diffusion_unet, make_scheduler
 from pipeline.transforms import preprocess_transforms
 from test_train import tiny
 

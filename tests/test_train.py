@@ -16,7 +16,8 @@ from pipeline.bundle import config_files, make_workflow, run_bundle
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import InputError
 from pipeline.noise import make_noise
-from pipeline.train import diffusion_unet, make_scheduler, total_steps, warmup_cosine
+from pipeline.network import diffusion_unet, make_scheduler
+from pipeline.train import total_steps, warmup_cosine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -188,3 +189,17 @@ def test_training_length_in_steps_and_warmup_cosine_schedule(synth_root, shared,
     assert seen[14] == pytest.approx(0.2) and all(a >= b for a, b in zip(seen[3:], seen[4:]))
     with pytest.raises(InputError, match="train_steps"):
         total_steps(-1, 1, [])
+
+
+def test_ddp_ranks_draw_their_own_noise_and_timesteps(monkeypatch):
+    """Rank 0 keeps the run's seed; another rank is offset, so ranks do not noise their slices alike."""
+    from pipeline import train
+    from pipeline.train import RANK_SEED_STRIDE, NoisePrepareBatch
+
+    scheduler, noise = make_scheduler(), make_noise("gaussian", seed=3)
+    first = NoisePrepareBatch(scheduler, noise, seed=3)
+    monkeypatch.setattr(train, "rank_and_world", lambda: (1, 2))
+    second = NoisePrepareBatch(scheduler, noise, seed=3)
+    assert first.seed == 3 and first.noise.seed == 3
+    assert second.seed == second.noise.seed == 3 + RANK_SEED_STRIDE
+    assert not torch.equal(first.get_noise(torch.zeros(2, 1, 8, 8)), second.get_noise(torch.zeros(2, 1, 8, 8)))
