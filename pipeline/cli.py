@@ -24,11 +24,12 @@ DEFAULT_LEADERBOARD = "results/leaderboard.csv"
 
 
 def _cmd_synth(args) -> None:
-    from .synth import generate_dataset
+    from .synth import HiddenTest, generate_dataset
 
     task_dir = generate_dataset(args.out, n_healthy=args.healthy, n_tumour=args.tumour, seed=args.seed,
                                 spacing=args.spacing, workers=args.workers, progress=not args.quiet,
-                                hidden_test_labels=args.hidden_test_labels, test_fraction=args.test_fraction)
+                                hidden_test=HiddenTest(args.hidden_test_labels, args.test_fraction)
+                                if args.hidden_test_labels else None)
     hidden = f"; hidden test labels in {args.hidden_test_labels}" if args.hidden_test_labels else ""
     print(f"wrote {task_dir}{hidden}")
 
@@ -239,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_data_commands(sub)
+    _add_bundle_commands(sub)
+    _add_benchmark_command(sub)
+    _add_leaderboard_commands(sub)
+    return parser
+
+
+def _add_data_commands(sub) -> None:
+    """``synth`` and ``prepare``."""
     p = sub.add_parser("synth", help="write a synthetic BraTS-like dataset in the MSD Task01 layout")
     p.add_argument("--out", required=True, help="root folder; the data goes to OUT/Task01_BrainTumour")
     p.add_argument("--healthy", type=_positive_int, default=8, help="subjects without tumour (default 8)")
@@ -267,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet_flag(p)
     p.set_defaults(func=_cmd_prepare)
 
+
+def _add_bundle_commands(sub) -> None:
+    """``train``, ``score`` and ``evaluate``: one bundle workflow each, any bundle setting as ``--key value``."""
     p = sub.add_parser("train", help="train the diffusion model (the bundle's train config)",
                        epilog="Any bundle setting (a config id; dashes or underscores) can follow as --key value, e.g. "
                               "--noise simplex --epochs 30 --dataset-dir data/msd --image-size 128 "
@@ -295,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bundle_flags(p)
     p.set_defaults(func=_cmd_bundle("evaluate"), tracking=None)
 
+
+def _add_benchmark_command(sub) -> None:
+    """``benchmark PROTOCOL``."""
     p = sub.add_parser("benchmark", help="run a benchmark protocol (train, score, evaluate every entry), "
                                          "submit to the leaderboard and print it")
     p.add_argument("protocol", help="protocol file, e.g. configs/benchmark/default.yaml")
@@ -306,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quiet_flag(p)
     p.set_defaults(func=_cmd_benchmark)
 
+
+def _add_leaderboard_commands(sub) -> None:
+    """``leaderboard init | submit | show | site``."""
     p = sub.add_parser("leaderboard", help="submit a run folder or show the ranked table")
     lsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = lsub.add_parser("init", help="bind the leaderboard to a protocol (its hash, data content and split)")
@@ -339,7 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--metric", default="auprc", choices=["auprc", "auroc", "dice"], help="ranking metric")
     _quiet_flag(q)
     q.set_defaults(func=_cmd_site)
-    return parser
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict | None:

@@ -285,7 +285,6 @@ def prepare_data(
     cache_root: str | os.PathLike,
     preprocess: PreprocessConfig = PreprocessConfig(),
     split_seed: int = 0,
-    fractions: Sequence[float] = (0.6, 0.2, 0.2),
     workers: int = 2,
     progress: bool = True,
     labelled: bool = False,
@@ -309,7 +308,7 @@ def prepare_data(
     try:
         with FileLock(str(lock_path)):
             try:
-                split, made = read_or_make_split(split_file, subjects, fractions, split_seed, test)
+                split, made = read_or_make_split(split_file, subjects, seed=split_seed, test=test)
                 build = build_labelled_slice_cache if labelled else build_slice_cache
                 cache_dir = build(dataset_dir, cache_root, split, preprocess, workers, progress)
                 if made:

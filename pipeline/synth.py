@@ -9,7 +9,9 @@ spacing)``, so a dataset is byte-identical however its subjects are spread over 
 from __future__ import annotations
 
 import contextlib
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,16 +123,26 @@ def _dataset_json(names, tumour_flags, seed, spacing, n_healthy, n_tumour) -> di
     }
 
 
+@dataclass(frozen=True)
+class HiddenTest:
+    """A public leaderboard's dataset: ``fraction`` of the subjects become unlabelled test images and
+    their labels go to ``labels_dir`` (a folder outside the dataset, kept by the organiser)."""
+
+    labels_dir: str | os.PathLike
+    fraction: float = 0.2
+
+
 def generate_dataset(out_root, n_healthy: int, n_tumour: int, seed: int = 0, spacing: float = 2.0,
-                     workers: int = 2, progress: bool = True, hidden_test_labels=None,
-                     test_fraction: float = 0.2) -> Path:
+                     workers: int = 2, progress: bool = True, hidden_test: HiddenTest | None = None) -> Path:
     """Write out_root/Task01_BrainTumour/ in the exact MSD Task01_BrainTumour layout; return that Task folder.
 
-    With ``hidden_test_labels`` (a folder outside the dataset) the dataset is a public leaderboard's:
-    ``test_fraction`` of the subjects are listed as ``test`` images (``imagesTs/``, no labels) and
-    their labels go to ``hidden_test_labels/labelsTs/``, with the generator record (seed included:
-    whoever knows it can regenerate the labels) in ``hidden_test_labels/synthetic.json``.
+    With ``hidden_test`` the dataset is a public leaderboard's: ``hidden_test.fraction`` of the
+    subjects are listed as ``test`` images (``imagesTs/``, no labels) and their labels go to
+    ``hidden_test.labels_dir/labelsTs/``, with the generator record (seed included: whoever knows it
+    can regenerate the labels) in ``hidden_test.labels_dir/synthetic.json``.
     """
+    hidden_test_labels = None if hidden_test is None else hidden_test.labels_dir
+    test_fraction = 0.2 if hidden_test is None else hidden_test.fraction
     _check_args(n_healthy, n_tumour, seed, spacing, workers)
     n_healthy, n_tumour, seed, spacing = int(n_healthy), int(n_tumour), int(seed), float(spacing)
     total = n_healthy + n_tumour

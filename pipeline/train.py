@@ -127,15 +127,18 @@ def clean_outside(images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Te
 
 
 def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_size: int = 32,
-                 shuffle: bool = True, num_workers: int = 0, distributed: bool = False,
-                 seed: int = 0, pin_memory: bool = False, labelled: bool = False) -> DataLoader:
+                 shuffle: bool = True, num_workers: int = 0, seed: int = 0, pin_memory: bool = False,
+                 labelled: bool = False) -> DataLoader:
     """Loader over cached healthy slices, in an order a resumed run can replay (:class:`EpochSampler`).
 
     The loader's own seeded generator draws the worker base seeds, so iterating it never touches the
     global torch RNG (a resumed run creates its iterators at other moments than an uninterrupted one).
+    A shuffled loader is sharded across the ranks whenever it runs under DDP (a setting that could
+    disagree with how the run was launched would let every rank train on all slices in one order).
     ``labelled``: slices with their slice labels, from the labelled cache (guided training).
     """
     dataset = (LabelledSliceDataset if labelled else SliceDataset)(cache_dir, section)
+    distributed = shuffle and rank_and_world()[1] > 1
     sampler = EpochSampler(dataset, shuffle=shuffle, seed=seed, distributed=distributed) if shuffle or distributed else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False,
                       persistent_workers=num_workers > 0, pin_memory=bool(pin_memory),
