@@ -24,7 +24,7 @@ import yaml
 from . import __version__
 from .atomic import write_json
 from .bundle import check_plain_settings, run_bundle
-from .common import BASELINE, read_json
+from .common import BASELINE, GUIDED, read_json
 from .data import dataset_fingerprint, task_paths
 from .errors import InputError
 from .maps import read_index
@@ -39,7 +39,6 @@ SCORE_KEYS = ("sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "guid
               "component_quantile")
 """Bundle settings that change only how a trained model scores: entries differing only in these share a model."""
 ENTRY_KEYS = ("name", "id")
-GUIDED = "guided"
 PACKAGES = ("torch", "monai", "numpy", "nibabel", "scikit-learn", "pandas", "opensimplex", "numba",
             "pytorch-ignite", "brain-diffusion-anomaly")
 

@@ -21,6 +21,8 @@ SECTIONS = ("train", "validation", "test")
 """The sections of a patient-level split."""
 BASELINE = "flair"
 """Sampler name of the FLAIR-intensity baseline (no model; the map is the intensity)."""
+GUIDED = "guided"
+"""Sampler name of the weakly supervised counterfactuals (:mod:`pipeline.guided`): a class-conditional model."""
 
 
 def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:

@@ -31,7 +31,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir
-from .common import BASELINE, SECTIONS  # BASELINE: FLAIR intensity (Meissen et al. 2021), no model
+from .common import BASELINE, GUIDED, SECTIONS  # BASELINE: FLAIR intensity (Meissen et al. 2021), no model
 from .data import PreprocessConfig, load_subjects
 from .errors import InputError
 from .guided import guided_reconstruct
@@ -47,11 +47,10 @@ from .transforms import preprocess_transforms
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "x0": x0_reconstruct, "ddim": ddim_reconstruct, "ddpm": ddpm_reconstruct, "patched": patched_reconstruct,
-    "guided": guided_reconstruct}
+    GUIDED: guided_reconstruct}
 """Sampler name -> function, all with the signature ``fn(model, x0, t_start, scheduler, noise_generator,
 settings, generator=None)`` (:mod:`pipeline.samplers`). Kept here rather than in samplers.py: the guided sampler builds on samplers.py, so only a
 module that imports both can list them all without an import cycle or a lazy import."""
-GUIDED = "guided"  # weakly supervised counterfactuals (pipeline.guided): needs a class-conditional model
 SUPERVISION = {GUIDED: "weak slice labels"}  # every other sampler: "unsupervised"
 SAMPLER_NAMES = (*SAMPLERS, BASELINE)  # what ``sampler`` may name
 REDUCTIONS = ("max", "mean")
