@@ -48,7 +48,7 @@ import pandas as pd
 
 from .atomic import atomic_path, write_json
 from .common import is_int, is_real, read_json
-from .registry import bound_protocol, check_provenance, field, locked, registry_path
+from .registry import bind_ground_truth, bound_protocol, check_provenance, field, locked, registry_path
 from .errors import InputError
 from .metrics import METRICS, pixel_metrics
 
@@ -331,7 +331,9 @@ def submit(run_dir, csv_path, protocol: dict | None = None, n_boot: int = 1000, 
     run_json = _check_run_dir(run_dir) / "run.json"
     protocol_id = field(read_json(run_json, "run record"), "protocol.id", run_json)
     record = bound_protocol(csv_path, protocol_id, protocol)
+    bind_ground_truth(csv_path, protocol_id, ground_truth_dir or None, write=False)  # fail before scoring
     row = submission_row(run_dir, record, n_boot=n_boot, seed=seed, ground_truth_dir=ground_truth_dir)
+    bind_ground_truth(csv_path, protocol_id, ground_truth_dir or None)
     append_row(csv_path, row)
     return row
 

@@ -6,6 +6,11 @@ run, a protocol path in its ``run.json``). So the first submission under a proto
 the protocol's content and hash, the dataset folder with a fingerprint of its file contents, and
 the canonical split computed from the protocol; :func:`check_provenance` then holds every run to
 that record. Registering is done under the leaderboard's own write lock (:func:`locked`).
+
+Test labels are bound too: the first submission records which labels its test subjects were scored
+against (the dataset's own, or a content fingerprint of a hidden ground-truth folder's labels for
+the registered test subjects, :func:`bind_ground_truth`), so two rows of one protocol are never
+ranked against different labels.
 """
 
 from __future__ import annotations
@@ -138,6 +143,43 @@ def bound_protocol(csv_path, protocol_id: str, binding: dict | None = None) -> d
                                                   f"{record['hash'][:12]}, the given protocol file hashes to "
                                                   f"{binding['hash'][:12]}")
     return record
+
+
+DATASET_LABELS = "dataset labels"
+
+
+def ground_truth_fingerprint(ground_truth_dir, test_subjects) -> str:
+    """Content hash of the hidden labels of ``test_subjects`` in ``ground_truth_dir`` (a missing
+    label hashes as such; evaluation refuses it later with its own message)."""
+    from .fingerprint import sha256_files
+    from .layout import ground_truth_label
+
+    paths = {subject: ground_truth_label(ground_truth_dir, subject) for subject in sorted(test_subjects)}
+    hashes = sha256_files(paths.values())
+    return _sha256({s: hashes.get(str(p.resolve()), "missing") for s, p in paths.items()})[:16]
+
+
+def bind_ground_truth(csv_path, protocol_id: str, ground_truth_dir=None, write: bool = True) -> str:
+    """Refuse a submission whose test labels (:data:`DATASET_LABELS` or a hidden folder's
+    fingerprint) differ from those the protocol's rows were scored against; with ``write``, record
+    them if none are yet (call it so only once the labels have scored a run). Returns the labels."""
+    with locked(csv_path):
+        registry = read_registry(csv_path)
+        record = registry[protocol_id]
+        labels = (DATASET_LABELS if ground_truth_dir is None
+                  else ground_truth_fingerprint(ground_truth_dir, record["split"]["test"]))
+        bound = record.get("ground_truth")
+        if bound is not None and bound != labels:
+            source = ground_truth_dir if ground_truth_dir is not None else registry_path(csv_path)
+            raise InputError(source, f"protocol {protocol_id!r} is scored against {_labels_text(bound)}; "
+                                     f"this submission brings {_labels_text(labels)}")
+        if bound is None and write:
+            write_json(registry_path(csv_path), {**registry, protocol_id: {**record, "ground_truth": labels}})
+    return labels
+
+
+def _labels_text(labels: str) -> str:
+    return labels if labels == DATASET_LABELS else f"hidden labels with fingerprint {labels}"
 
 
 def check_provenance(run: dict, run_json: Path, run_dir: Path, record: dict) -> None:

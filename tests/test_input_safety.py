@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.common import TASK
 from pipeline.data import dataset_fingerprint, dataset_split, load_subjects
 from pipeline.leaderboard import read_leaderboard
-from pipeline.registry import split_fingerprint
+from pipeline.registry import DATASET_LABELS, registry_path, split_fingerprint
 from pipeline.split import make_split
 
 PREPARE = ["--image-size", "32", "--spacing", "4", "--workers", "1", "--quiet"]
@@ -313,3 +313,17 @@ def test_maps_made_from_hidden_labels_are_scored_with_ground_truth(hidden, tmp_p
     assert main([*submit, "--ground-truth", str(truth)]) == 0
     row = read_leaderboard(csv_path).iloc[0]
     assert row["test_subjects"] == 3 and row["auprc"] == pytest.approx(1.0) and row["dice"] == pytest.approx(1.0)
+    bound = json.loads(registry_path(csv_path).read_text())["hidden-gt-v1"]["ground_truth"]
+    assert bound != DATASET_LABELS, "the hidden labels are bound by fingerprint"
+
+    # the protocol's rows were scored against these labels: other labels, or none, are refused
+    edited = tmp_path / "edited-truth"
+    shutil.copytree(truth, edited)
+    label_path = edited / "labelsTs" / f"{split['test'][0]}.nii.gz"
+    label = nib.load(label_path)
+    nib.save(nib.Nifti1Image(np.zeros(label.shape, np.uint8), label.affine), label_path)
+    assert main([*submit, "--ground-truth", str(edited)]) == 2
+    assert f"hidden labels with fingerprint {bound}" in (line := error_line(capsys)) and str(edited) in line
+    assert main(submit) == 2
+    assert "this submission brings dataset labels" in error_line(capsys)
+    assert len(read_leaderboard(csv_path)) == 1
