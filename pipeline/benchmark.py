@@ -227,11 +227,12 @@ def entry_score_settings(protocol: dict, entry: dict) -> dict:
 
 
 def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, progress: bool = True,
-              trust_expressions: bool = False) -> Path:
+              trust_expressions: bool = False, ground_truth_dir=None) -> Path:
     """Train (or reuse) the model, score validation + test, evaluate; write ``run.json`` last.
 
     ``trust_expressions`` lets settings through that MONAI's config parser evaluates
-    (:func:`pipeline.bundle.check_plain_settings`); without it they are refused."""
+    (:func:`pipeline.bundle.check_plain_settings`); without it they are refused. ``ground_truth_dir``:
+    the test labels of a hidden-label dataset (the organiser's folder; not part of the config hash)."""
     run_dir = results / "runs" / entry["id"]
     if (run_dir / "run.json").is_file():
         return run_dir
@@ -247,6 +248,8 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
     settings = {**train, **score, **shared, "output_dir": str(run_dir), "ckpt_dir": str(model_dir),
                 "scores_dir": str(run_dir / "scores"), "evaluation_dir": str(run_dir / "evaluation"),
                 "method_name": entry["id"], "bootstrap_resamples": protocol.get("evaluation", {}).get("bootstrap_resamples", 1000)}
+    if ground_truth_dir is not None:
+        settings["ground_truth_dir"] = str(ground_truth_dir)
     start = time.perf_counter()
     run_bundle(inference_workflow, trust_expressions=trust_expressions, **settings)
     inference_seconds = time.perf_counter() - start
@@ -291,8 +294,9 @@ def _train_once(model_dir: Path, workflow: str, train: dict, shared: dict, trust
 
 def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLike = "results",
                   leaderboard: str | os.PathLike | None = None, progress: bool = True,
-                  overrides: dict | None = None, trust_expressions: bool = False) -> list[Path]:
-    """Run every entry of the protocol; submit new runs to ``leaderboard`` (if given)."""
+                  overrides: dict | None = None, trust_expressions: bool = False, ground_truth_dir=None) -> list[Path]:
+    """Run every entry of the protocol; submit new runs to ``leaderboard`` (if given). ``ground_truth_dir``:
+    where a hidden-label dataset's test labels are (an organiser's run, evaluated and submitted with them)."""
     from .leaderboard import submit
 
     protocol = load_protocol(protocol_path, overrides)
@@ -306,11 +310,11 @@ def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLi
         done = (results / "runs" / entry["id"] / "run.json").is_file()
         if progress:
             print(f"[{i}/{len(entries)}] {entry['id']}: {'already done' if done else 'running'}", flush=True)
-        run_dir = run_entry(protocol, entry, results, dataset_root, progress, trust_expressions)
+        run_dir = run_entry(protocol, entry, results, dataset_root, progress, trust_expressions, ground_truth_dir)
         runs.append(run_dir)
         if leaderboard is not None and not done and not validation_only(protocol):
             binding = binding or protocol_for_submission(protocol)
-            submit(run_dir, leaderboard, binding,
+            submit(run_dir, leaderboard, binding, ground_truth_dir=ground_truth_dir,
                    n_boot=protocol.get("evaluation", {}).get("bootstrap_resamples", 1000))
     if leaderboard is not None and not validation_only(protocol) and Path(leaderboard).is_file():
         from .site import build_site

@@ -147,7 +147,8 @@ def _cmd_benchmark(args) -> None:
     protocol = load_protocol(args.protocol, overrides)
     with quiet_logs(args.quiet):
         runs = run_benchmark(args.protocol, args.results, args.leaderboard, progress=not args.quiet,
-                             overrides=overrides, trust_expressions=args.trust_expressions)
+                             overrides=overrides, trust_expressions=args.trust_expressions,
+                             ground_truth_dir=args.ground_truth)
     print(f"{len(runs)} runs under {Path(args.results) / protocol['id']}")
     if validation_only(protocol):
         print("validation-only study protocol: nothing submitted; table: python benchmarks/study_table.py "
@@ -318,6 +319,8 @@ def _add_benchmark_command(sub) -> None:
     p.add_argument("--leaderboard", default=DEFAULT_LEADERBOARD, help=f"CSV (default {DEFAULT_LEADERBOARD})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a protocol value by dotted key, e.g. --set dataset.dir=data/msd --set bundle.train_steps=100")
+    p.add_argument("--ground-truth", metavar="GT_DIR", default=None,
+                   help="hidden test labels of a public-leaderboard dataset (GT_DIR/labelsTs; the organiser's runs)")
     _trust_flag(p)
     _quiet_flag(p)
     p.set_defaults(func=_cmd_benchmark)

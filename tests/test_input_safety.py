@@ -278,6 +278,23 @@ def test_hidden_test_subjects_are_scored_and_evaluated_with_ground_truth(hidden,
     assert metrics["subjects"] == 3 and metrics["healthy_subjects"] == 1 and metrics["auprc"] > 0.3
 
 
+def test_organiser_benchmarks_a_hidden_label_dataset_with_its_ground_truth(hidden, tmp_path, capsys):
+    """`pipeline benchmark --ground-truth`: the organiser's baseline entries on a public dataset."""
+    protocol = tmp_path / "public.yaml"
+    protocol.write_text(yaml.safe_dump({
+        "id": "hidden-bench-v1", "dataset": {"dir": str(hidden["data"])}, "split": {"seed": hidden["seed"]},
+        "bundle": {"image_size": 32, "pixdim": [4.0, 4.0, 4.0]}, "evaluation": {"bootstrap_resamples": 20},
+        "methods": [{"name": "flair-baseline", "sampler": "flair"}]}))
+    csv_path = tmp_path / "lb.csv"
+    command = ["benchmark", str(protocol), "--results", str(tmp_path / "results"), "--leaderboard", str(csv_path),
+               "--quiet"]
+    assert main(command) == 2
+    assert "test label is hidden" in error_line(capsys) and not csv_path.exists()
+    assert main([*command, "--ground-truth", str(hidden["truth"])]) == 0
+    row = read_leaderboard(csv_path).iloc[0]
+    assert row["method"] == "flair-baseline-s0" and row["test_subjects"] == 3 and row["auprc"] > 0.3
+
+
 def test_maps_made_from_hidden_labels_are_scored_with_ground_truth(hidden, tmp_path, capsys):
     """What only the organiser can do: maps made from the hidden labels, submitted with --ground-truth."""
     data, truth, split = hidden["data"], hidden["truth"], hidden["split"]
