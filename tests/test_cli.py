@@ -59,6 +59,17 @@ def test_help_lists_every_subcommand():
         assert name in result.stdout
 
 
+def test_score_help_names_every_sampler_the_registry_has():
+    """The CLI keeps torch out of its import (fast --help), so its sampler list is written out; it
+    must name what ``pipeline.score`` accepts (guided has its own --guided flag)."""
+    from pipeline.common import GUIDED
+    from pipeline.score import SAMPLER_NAMES
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    listed = re.search(r"--sampler ([\w|]+)", subparsers.choices["score"].epilog).group(1).split("|")
+    assert sorted(listed) == sorted(set(SAMPLER_NAMES) - {GUIDED})
+
+
 def test_wrong_arguments_give_usage_errors():
     result = run_cli("synth")
     assert result.returncode == 2 and "--out" in result.stderr
