@@ -96,6 +96,8 @@ def test_two_process_gloo_training(synth_root, shared, tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
     state = load_checkpoint(next((tmp_path / "models").glob("checkpoint_*.pt")))
     assert not any(k.startswith("module.") for k in state["network"])  # saved unwrapped
+    writers = {f.name.split(".")[-2] for f in (tmp_path / "tensorboard").glob("events.out.tfevents.*")}
+    assert len(writers) == 1, "one process (rank 0) writes TensorBoard files; rank 1's handlers are never built"
 
 
 def test_checkpoint_from_other_architecture_is_refused(synth_root, shared, tmp_path):
