@@ -25,6 +25,7 @@ from .common import is_real, read_optional_json
 from .errors import InputError
 from .leaderboard import COMPARABLE, ROW_ID_PATTERN
 from .ranking import ALPHA, ranked_table
+from .registry import read_registry
 from .webpage import esc, facts, href, html_page, html_table, missing, num, short, sort_key, td
 
 MARKER = ".leaderboard-site"
@@ -57,8 +58,13 @@ def _run_dir(row) -> Path | None:
     return path if path is not None and path.is_dir() else None
 
 
-def _protocol_description(group: pd.DataFrame) -> str:
-    """The description in ``results/<id>/protocol.json`` beside the runs, if it is the same protocol."""
+def _protocol_description(group: pd.DataFrame, registry: dict) -> str:
+    """The protocol's description as the leaderboard registered it (:mod:`pipeline.registry`), else as
+    ``results/<id>/protocol.json`` beside the runs has it, if that is the same protocol."""
+    first = group.iloc[0]
+    record = registry.get(str(first["protocol_id"]))
+    if isinstance(record, dict) and record.get("hash") == first["protocol_hash"]:
+        return str((record.get("content") or {}).get("description") or "")
     for _, row in group.iterrows():
         run_dir = _run_dir(row)
         record = read_optional_json(run_dir.parent.parent / "protocol.json") if run_dir else None
@@ -215,11 +221,11 @@ def _index_row(row, metric: str, pages: set) -> str:
            + "".join(cells) + "</tr>"
 
 
-def _protocol_section(group: pd.DataFrame, metric: str, pages: set, same_id: bool) -> str:
+def _protocol_section(group: pd.DataFrame, metric: str, pages: set, same_id: bool, registry: dict) -> str:
     first = group.iloc[0]
     title = str(first["protocol_id"]) + (f" (hash {str(first['protocol_hash'])[:8]})" if same_id else "")
     subjects = sorted({int(s) for s in group["test_subjects"].dropna()})
-    description = _protocol_description(group)
+    description = _protocol_description(group, registry)
     facts = [("protocol hash", short(first["protocol_hash"])),
              ("dataset fingerprint", short(first["dataset_fingerprint"])),
              ("split fingerprint", short(first["split_fingerprint"])),
@@ -234,7 +240,11 @@ def _protocol_section(group: pd.DataFrame, metric: str, pages: set, same_id: boo
 
 def index_html(groups: list[pd.DataFrame], csv_path: Path, metric: str, pages: set) -> str:
     ids = [str(g["protocol_id"].iloc[0]) for g in groups]
-    sections = [_protocol_section(g, metric, pages, ids.count(i) > 1) for g, i in zip(groups, ids)]
+    try:
+        registry = read_registry(csv_path)
+    except InputError:  # a damaged registry stops submissions, not the page (descriptions then come from runs)
+        registry = {}
+    sections = [_protocol_section(g, metric, pages, ids.count(i) > 1, registry) for g, i in zip(groups, ids)]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     intro = (f"<h1>Leaderboard</h1>\n<p class=\"muted\">{esc(csv_path.name)}, built {now}; each protocol's entries "
              f"are ranked by {LABELS[metric]} (pooled test brain voxels). Intervals: 95 % patient-level bootstrap. "

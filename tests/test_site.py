@@ -287,3 +287,20 @@ def test_weakly_supervised_entries_are_marked(tmp_path):
     append_row(csv_path, fake_row("x0", metric=0.8, supervision="unsupervised"))
     page = build_site(csv_path, tmp_path / "site").read_text()  # the index page
     assert page.count('title="learnt from labels">weak slice labels</span>') == 1
+
+
+def test_description_comes_from_the_registered_protocol(board, tmp_path):
+    """The leaderboard's own registry is trusted over a protocol.json left beside the runs; a damaged
+    registry leaves the page to the runs' description."""
+    csv_path = tmp_path / "leaderboard.csv"
+    shutil.copy(board["csv"], csv_path)
+    shutil.copytree(board["csv"].with_name("leaderboard.subjects"), tmp_path / "leaderboard.subjects")
+    registry = tmp_path / "leaderboard.protocols.json"
+    write_json(registry, {"proto-a": {"hash": "hash-proto-a", "content": {"description": "Registered text"}},
+                          "proto-b<i>": {"hash": "another-hash", "content": {"description": "Not this one"}}})
+    html = build_site(csv_path, tmp_path / "site").read_text()
+    assert "Registered text" in html and "Protocol proto-a" not in html
+    assert "Not this one" not in html and "Protocol proto-b&lt;i&gt;" in html, "a record of another hash is unused"
+    registry.write_text("{damaged")
+    html = build_site(csv_path, tmp_path / "site").read_text()
+    assert "Registered text" not in html and "Protocol proto-a" in html
