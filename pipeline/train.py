@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, ProgressBar
+from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.engines import DiffusionPrepareBatch
 from monai.networks.schedulers import DDPMScheduler
 from torch.nn.parallel import DistributedDataParallel
@@ -133,13 +134,19 @@ def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_siz
 
     The loader's own seeded generator draws the worker base seeds, so iterating it never touches the
     global torch RNG (a resumed run creates its iterators at other moments than an uninterrupted one).
-    A shuffled loader is sharded across the ranks whenever it runs under DDP (a setting that could
-    disagree with how the run was launched would let every rank train on all slices in one order).
+    Under DDP every loader is sharded across the ranks by itself (a setting that could disagree with
+    how the run was launched would let every rank go over all slices): a shuffled one by
+    :class:`EpochSampler`, an ordered one (validation) in disjoint shares without padding, so every
+    slice is seen once and MONAI's metric handlers gather the shares into one value.
     ``labelled``: slices with their slice labels, from the labelled cache (guided training).
     """
     dataset = (LabelledSliceDataset if labelled else SliceDataset)(cache_dir, section)
-    distributed = shuffle and rank_and_world()[1] > 1
-    sampler = EpochSampler(dataset, shuffle=shuffle, seed=seed, distributed=distributed) if shuffle or distributed else None
+    rank, world = rank_and_world()
+    if shuffle:
+        sampler = EpochSampler(dataset, shuffle=True, seed=seed, distributed=world > 1)
+    else:
+        sampler = (MonaiDistributedSampler(dataset, even_divisible=False, num_replicas=world, rank=rank, shuffle=False)
+                   if world > 1 else None)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=False,
                       persistent_workers=num_workers > 0, pin_memory=bool(pin_memory),
                       generator=torch.Generator().manual_seed(int(seed)))

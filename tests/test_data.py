@@ -199,3 +199,18 @@ def test_bad_config_values_are_refused():
         PreprocessConfig(modalities=("FLAIR", "PD"))
     with pytest.raises(InputError, match="image_size"):
         PreprocessConfig(image_size=4)
+
+
+def test_validation_loader_is_shared_out_across_ranks_without_repeats(prepared, monkeypatch):
+    """Under DDP each rank validates a disjoint share of the slices and together they cover each once
+    (MONAI's metric handlers gather the shares); a single process goes over all of them in order."""
+    from pipeline import train
+
+    n = len(SliceDataset(prepared.cache_dir, "validation"))
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(train, "rank_and_world", lambda rank=rank: (rank, 2))
+        shares.append(list(train.slice_loader(prepared.cache_dir, "validation", batch_size=4, shuffle=False).sampler))
+    assert n >= 3 and shares[0] and shares[1] and sorted(shares[0] + shares[1]) == list(range(n))
+    monkeypatch.setattr(train, "rank_and_world", lambda: (0, 1))
+    assert list(train.slice_loader(prepared.cache_dir, "validation", shuffle=False).sampler) == list(range(n))
