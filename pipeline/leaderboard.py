@@ -331,9 +331,9 @@ def submit(run_dir, csv_path, protocol: dict | None = None, n_boot: int = 1000, 
     run_json = _check_run_dir(run_dir) / "run.json"
     protocol_id = field(read_json(run_json, "run record"), "protocol.id", run_json)
     record = bound_protocol(csv_path, protocol_id, protocol)
-    bind_ground_truth(csv_path, protocol_id, ground_truth_dir or None, write=False)  # fail before scoring
+    bind_ground_truth(csv_path, protocol_id, ground_truth_dir, write=False)  # fail before scoring
     row = submission_row(run_dir, record, n_boot=n_boot, seed=seed, ground_truth_dir=ground_truth_dir)
-    bind_ground_truth(csv_path, protocol_id, ground_truth_dir or None)
+    bind_ground_truth(csv_path, protocol_id, ground_truth_dir)
     append_row(csv_path, row)
     return row
 

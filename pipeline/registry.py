@@ -160,17 +160,17 @@ def ground_truth_fingerprint(ground_truth_dir, test_subjects) -> str:
 
 
 def bind_ground_truth(csv_path, protocol_id: str, ground_truth_dir=None, write: bool = True) -> str:
-    """Refuse a submission whose test labels (:data:`DATASET_LABELS` or a hidden folder's
+    """Refuse a submission whose test labels (:data:`DATASET_LABELS` without a folder, or a hidden folder's
     fingerprint) differ from those the protocol's rows were scored against; with ``write``, record
     them if none are yet (call it so only once the labels have scored a run). Returns the labels."""
     with locked(csv_path):
         registry = read_registry(csv_path)
         record = registry[protocol_id]
-        labels = (DATASET_LABELS if ground_truth_dir is None
-                  else ground_truth_fingerprint(ground_truth_dir, record["split"]["test"]))
+        labels = (ground_truth_fingerprint(ground_truth_dir, record["split"]["test"]) if ground_truth_dir
+                  else DATASET_LABELS)
         bound = record.get("ground_truth")
         if bound is not None and bound != labels:
-            source = ground_truth_dir if ground_truth_dir is not None else registry_path(csv_path)
+            source = ground_truth_dir or registry_path(csv_path)
             raise InputError(source, f"protocol {protocol_id!r} is scored against {_labels_text(bound)}; "
                                      f"this submission brings {_labels_text(labels)}")
         if bound is None and write:
