@@ -18,9 +18,9 @@ from pathlib import Path
 from common import machine, timer
 from torch.utils.data import DataLoader
 
-from pipeline.data import PreprocessConfig, load_subjects
-from pipeline.slice_cache import SliceDataset, build_slice_cache
-from pipeline.synth import generate_dataset
+from pipeline.data.dataset import PreprocessConfig, load_subjects
+from pipeline.data.slice_cache import SliceDataset, build_slice_cache
+from pipeline.data.synth import generate_dataset
 
 
 def main() -> None:

@@ -2,14 +2,14 @@
 
 Evaluation streams subjects (validation first, then test, one at a time), so its peak should be one
 subject's volumes plus the pooled brain voxels (5 B/voxel), not every volume at once. The data are
-synthetic BraTS-like subjects (``pipeline.synth``, 1 mm by default: the real 240x240x155 grid) and
+synthetic BraTS-like subjects (``pipeline.data.synth``, 1 mm by default: the real 240x240x155 grid) and
 fake anomaly maps (tumour indicator plus noise, as the leaderboard tests make them). Both cases
 share 2 validation subjects and differ only in the number of test subjects. Each case runs
-``pipeline.evaluate.evaluate_scores`` (metrics, 1000 bootstrap resamples, CSV, masks, report) in
+``pipeline.evaluation.evaluate.evaluate_scores`` (metrics, 1000 bootstrap resamples, CSV, masks, report) in
 its own process, which reports:
 
 - ``ru_maxrss``: peak resident memory of the whole process, and its growth over the process after
-  the imports (torch and MONAI come with ``pipeline.data``);
+  the imports (torch and MONAI come with ``pipeline.data.dataset``);
 - the tracemalloc peak: NumPy buffers and Python objects allocated during the evaluation.
 
     python benchmarks/bench_evaluate.py [--spacing 1.0] [--subjects 20] [--workdir DIR]
@@ -21,8 +21,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 import tracemalloc
@@ -42,8 +40,8 @@ def rss_mb() -> float:
 def make_dataset(root: Path, subjects: int, spacing: float) -> list[dict]:
     """The synthetic dataset (generated once per work folder) and its subjects."""
     from pipeline.common import TASK
-    from pipeline.data import load_subjects
-    from pipeline.synth import generate_dataset
+    from pipeline.data.dataset import load_subjects
+    from pipeline.data.synth import generate_dataset
 
     if not (root / TASK / "dataset.json").is_file():
         healthy = max(1, subjects // 4)
@@ -94,7 +92,7 @@ def run_worker(data: Path, scores: Path) -> dict:
     """Evaluate one scores folder; report peak memory (imports first, so growth counts the evaluation)."""
     import matplotlib.pyplot  # noqa: F401  the report's import, as the evaluate stage pays it
 
-    from pipeline.evaluate import evaluate_scores
+    from pipeline.evaluation.evaluate import evaluate_scores
 
     base = rss_mb()
     tracemalloc.start()
@@ -109,11 +107,9 @@ def run_worker(data: Path, scores: Path) -> dict:
 
 
 def spawn(data: Path, scores: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(data), str(scores)],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    if proc.returncode:
-        raise SystemExit(f"worker failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from common import run_worker  # here, not at the top: a worker must not load torch
+
+    return run_worker(__file__, ["--worker", str(data), str(scores)])
 
 
 def show(rec: dict) -> None:

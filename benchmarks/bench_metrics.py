@@ -20,11 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 
@@ -59,8 +56,8 @@ def measure(fn, record: dict, key: str):
 
 
 def worker_ours(scores: np.ndarray, labels: np.ndarray) -> dict:
-    from pipeline.metrics import auprc, auroc, pixel_metrics
-    from pipeline.pooled import ScoreAccumulator
+    from pipeline.evaluation.metrics import auprc, auroc, pixel_metrics
+    from pipeline.evaluation.pooled import ScoreAccumulator
 
     rec: dict = {}
     rec["values"] = measure(lambda: pixel_metrics(scores, labels), rec, "pixel_metrics (1 sort)")
@@ -91,8 +88,9 @@ def worker_sklearn(scores: np.ndarray, labels: np.ndarray) -> dict:
 
 
 def run_worker(side: str, n: int) -> dict:
-    import pipeline.pooled  # noqa: F401  imports first (metrics too), so RSS growth counts only the computation
     import sklearn.metrics  # noqa: F401
+
+    import pipeline.evaluation.pooled  # noqa: F401  imports first (metrics too), so RSS growth counts only the computation
 
     scores, labels = make_data(n)
     rss_data = rss_peak_mb()
@@ -104,11 +102,9 @@ def run_worker(side: str, n: int) -> dict:
 
 
 def spawn(side: str, n: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--voxels", str(n), "--worker", side],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
-    if proc.returncode:
-        raise SystemExit(f"{side} worker failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from common import run_worker  # here, not at the top: a worker must not load torch
+
+    return run_worker(__file__, ["--voxels", str(n), "--worker", side], f"{side} worker")
 
 
 def report(side: str, rec: dict, n: int) -> None:

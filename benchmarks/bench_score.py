@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from common import machine
 
-from pipeline.benchmark import entry_score_settings, entry_train_settings, config_hash, expand_methods, is_baseline, load_protocol
+from pipeline.benchmark import (config_hash, entry_score_settings, entry_train_settings, expand_methods, is_baseline,
+                                load_protocol)
 from pipeline.bundle import make_workflow
-from pipeline.data import load_subjects
-from pipeline.pooled import ScoreAccumulator
-from pipeline.score import Scorer, load_model, noise_streams, reconstruct, score_subject
-from pipeline.transforms import preprocess_transforms
+from pipeline.data.dataset import load_subjects
+from pipeline.data.transforms import preprocess_transforms
+from pipeline.evaluation.pooled import ScoreAccumulator
+from pipeline.scoring.score import Scorer, load_model, noise_streams, reconstruct, score_subject
 
 
 def _workflow(protocol: dict, results: Path):

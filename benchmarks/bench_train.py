@@ -24,7 +24,6 @@ from common import machine, scratch_dataset, timer
 
 from pipeline.bundle import make_workflow
 
-
 SMALL_UNET = {"unet_channels": [16, 32, 64], "attention_levels": [False, False, False], "norm_num_groups": 16,
               "prediction_type": "sample"}
 SETTINGS = {  # name -> (image size, batch, bundle overrides, channels_last, threads, compile)

@@ -5,6 +5,6 @@ Stages, one module each, data flowing one way:
 Importing the package first applies the process-wide allocator setting of :mod:`pipeline.runtime`.
 """
 
-from . import runtime  # noqa: F401  (before anything allocates large tensors)
+from pipeline import runtime  # noqa: F401  (before anything allocates large tensors)
 
 __version__ = "0.1.0"

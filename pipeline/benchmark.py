@@ -21,14 +21,14 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
-from .atomic import write_json
-from .bundle import check_plain_settings, run_bundle
-from .common import BASELINE, GUIDED, read_json
-from .data import dataset_fingerprint, task_paths
-from .errors import InputError
-from .maps import read_index
-from .registry import protocol_hash, split_fingerprint
+from pipeline import __version__
+from pipeline.atomic import write_json
+from pipeline.bundle import check_plain_settings, run_bundle
+from pipeline.common import BASELINE, GUIDED, read_json
+from pipeline.data.dataset import dataset_fingerprint, task_paths
+from pipeline.errors import InputError
+from pipeline.leaderboard.registry import protocol_hash, split_fingerprint
+from pipeline.scoring.maps import read_index
 
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
 MATRIX_KEYS = ("noise", "coarse_resolution", "prediction_type", "schedule", "learning_rate", "batch_size", "train_steps", "ema_decay",
@@ -205,7 +205,7 @@ def ensure_dataset(protocol: dict, progress: bool = True) -> Path:
         synthetic = dataset.get("synthetic")
         if synthetic is None:
             raise InputError(task_dir, "dataset not found and the protocol gives no 'synthetic' settings")
-        from .synth import generate_dataset
+        from pipeline.data.synth import generate_dataset
 
         generate_dataset(root, n_healthy=synthetic.get("healthy", 8), n_tumour=synthetic.get("tumour", 16),
                          seed=synthetic.get("seed", 0), spacing=synthetic.get("spacing", 2.0), progress=progress)
@@ -297,7 +297,7 @@ def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLi
                   overrides: dict | None = None, trust_expressions: bool = False, ground_truth_dir=None) -> list[Path]:
     """Run every entry of the protocol; submit new runs to ``leaderboard`` (if given). ``ground_truth_dir``:
     where a hidden-label dataset's test labels are (an organiser's run, evaluated and submitted with them)."""
-    from .leaderboard import submit
+    from pipeline.leaderboard.submission import submit
 
     protocol = load_protocol(protocol_path, overrides)
     check_protocol_settings(protocol, overrides, trust_expressions)
@@ -317,7 +317,7 @@ def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLi
             submit(run_dir, leaderboard, binding, ground_truth_dir=ground_truth_dir,
                    n_boot=protocol.get("evaluation", {}).get("bootstrap_resamples", 1000))
     if leaderboard is not None and not validation_only(protocol) and Path(leaderboard).is_file():
-        from .site import build_site
+        from pipeline.leaderboard.site import build_site
 
         site = build_site(leaderboard)
         if progress:
@@ -333,13 +333,13 @@ def validation_only(protocol: dict) -> bool:
 def canonical_split(protocol: dict) -> dict:
     """The patient split the protocol defines (its seed over the dataset's subjects), computed
     afresh: what a leaderboard binds to, never a split file found in a results folder."""
-    from .data import dataset_split  # keeps a hidden-label dataset's listed test subjects as the test section
+    from pipeline.data.dataset import dataset_split  # a hidden-label dataset's listed test subjects stay the test
 
     return dataset_split(protocol["dataset"]["dir"], seed=protocol.get("split", {}).get("seed", 0))
 
 
 def protocol_for_submission(protocol: dict) -> dict:
-    """What a leaderboard binds to (:func:`pipeline.leaderboard.register_protocol`): the protocol's
+    """What a leaderboard binds to (:func:`pipeline.leaderboard.registry.register_protocol`): the protocol's
     id, hash and content, its dataset folder and its canonical split."""
     root, _ = task_paths(protocol["dataset"]["dir"])
     content = {k: v for k, v in protocol.items() if k not in ("hash", "path")}

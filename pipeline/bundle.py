@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
-from .common import BASELINE
-from .errors import InputError
+from pipeline.common import BASELINE
+from pipeline.errors import InputError
 
 BUNDLE_NAME = "brats_diffusion_anomaly"
 BUNDLE_DIR = Path(__file__).resolve().parent.parent / "bundles" / BUNDLE_NAME
@@ -167,12 +167,12 @@ SCORING_WORKFLOWS = ("inference", "multi_gpu_inference", "inference_guided")
 
 def with_model_card(workflow: str, bundle_dir: Path, overrides: dict) -> dict:
     """Scoring settings the user did not give are taken from the model's card; a contradicting one
-    is refused (:mod:`pipeline.model_card`). The FLAIR baseline loads no model."""
+    is refused (:mod:`pipeline.model.model_card`). The FLAIR baseline loads no model."""
     if workflow not in SCORING_WORKFLOWS or overrides.get("sampler") == BASELINE:
         return overrides
     from monai.bundle import ConfigParser
 
-    from .model_card import apply_card
+    from pipeline.model.model_card import apply_card
 
     parser = ConfigParser()
     parser.read_config(config_files(workflow, bundle_dir))

@@ -12,8 +12,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import InputError
+from pipeline.atomic import atomic_path
+from pipeline.errors import InputError
 
 TASK = "Task01_BrainTumour"
 """The MSD task folder every dataset (real or synthetic) lives in."""
@@ -22,7 +22,7 @@ SECTIONS = ("train", "validation", "test")
 BASELINE = "flair"
 """Sampler name of the FLAIR-intensity baseline (no model; the map is the intensity)."""
 GUIDED = "guided"
-"""Sampler name of the weakly supervised counterfactuals (:mod:`pipeline.guided`): a class-conditional model."""
+"""Sampler name of the weakly supervised counterfactuals (:mod:`pipeline.scoring.guided`): a class-conditional model."""
 
 
 def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
@@ -102,3 +102,26 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, like, description: str
         image.header["descrip"] = description.encode()[:79]
     with atomic_path(path, suffix=".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
         nib.save(image, str(tmp))
+
+
+def lazy_exports(package: str, **modules: str):
+    """``__all__``, ``__getattr__`` and ``__dir__`` for a stage package that lists its public names without
+    importing them.
+
+    ``modules`` maps a module of ``package`` to the public names it defines (space-separated); a module is
+    imported on first use of one of its names, so ``import pipeline.data.synth`` does not pull in MONAI and
+    torch through the package.
+    """
+    import importlib
+
+    names = {name: module for module, listed in modules.items() for name in listed.split()}
+
+    def __getattr__(name: str):
+        if name not in names:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{names[name]}"), name)
+
+    def __dir__() -> list[str]:
+        return sorted(names)
+
+    return sorted(names), __getattr__, __dir__

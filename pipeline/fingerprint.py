@@ -19,8 +19,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from .atomic import write_json
-from .common import read_optional_json
+from pipeline.atomic import write_json
+from pipeline.common import read_optional_json
 
 BLOCK = 1 << 20
 CACHE_NAME = "sha256.json"

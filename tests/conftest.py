@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.synth import generate_dataset
+from pipeline.data.synth import generate_dataset
 
 # File-hash cache of the tests (pipeline.fingerprint): never the user's own ~/.cache.
 os.environ.setdefault("PIPELINE_CACHE_DIR", tempfile.mkdtemp(prefix="pipeline-test-cache-"))

@@ -22,14 +22,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigParser
 from monai.bundle import run as monai_bundle_run
+from monai.bundle import verify_metadata, verify_net_in_out
+from test_train import tiny
 
 import pipeline
 from pipeline.bundle import (BUNDLE_DIR, BUNDLE_NAME, CONFIGS, SHARED_CONFIG, STANDALONE_CONFIGS, run_bundle,
                              stale_configs, sync_configs)
 from pipeline.errors import InputError
-from test_train import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "configs" / "bundle_meta_schema.json"

@@ -61,9 +61,9 @@ def test_help_lists_every_subcommand():
 
 def test_score_help_names_every_sampler_the_registry_has():
     """The CLI keeps torch out of its import (fast --help), so its sampler list is written out; it
-    must name what ``pipeline.score`` accepts (guided has its own --guided flag)."""
+    must name what ``pipeline.scoring.score`` accepts (guided has its own --guided flag)."""
     from pipeline.common import GUIDED
-    from pipeline.score import SAMPLER_NAMES
+    from pipeline.scoring.settings import SAMPLER_NAMES
 
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     listed = re.search(r"--sampler ([\w|]+)", subparsers.choices["score"].epilog).group(1).split("|")

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_cli import run_cli
 
 from pipeline.cli import build_parser, canonical_arguments, main
-from test_cli import run_cli
 
 TINY = ["--image-size", "32", "--pixdim", "[4.0,4.0,4.0]"]
 """4 mm synthetic data on a 32-pixel grid."""

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import PreprocessConfig, load_subjects, prepare_data
-from pipeline.slice_cache import SliceDataset
-from pipeline.split import make_split
-from pipeline.transforms import preprocess_transforms
+from pipeline.data.dataset import PreprocessConfig, load_subjects
+from pipeline.data.prepare import prepare_data
+from pipeline.data.slice_cache import SliceDataset
+from pipeline.data.split import make_split
+from pipeline.data.transforms import preprocess_transforms
 from pipeline.errors import InputError
 
 CFG = PreprocessConfig(image_size=32, pixdim=(4.0, 4.0, 4.0))
@@ -204,7 +205,7 @@ def test_bad_config_values_are_refused():
 def test_validation_loader_is_shared_out_across_ranks_without_repeats(prepared, monkeypatch):
     """Under DDP each rank validates a disjoint share of the slices and together they cover each once
     (MONAI's metric handlers gather the shares); a single process goes over all of them in order."""
-    from pipeline import train
+    from pipeline.model import train
 
     n = len(SliceDataset(prepared.cache_dir, "validation"))
     shares = []

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.metrics import (SUBJECT_SCORE_PERCENTILE, false_positive_ml, reconstruction_figures,
-                              subject_detection_auroc, subject_score, voxel_volume_ml)
+from pipeline.evaluation.subject_metrics import (SUBJECT_SCORE_PERCENTILE, false_positive_ml, reconstruction_figures,
+                                                 subject_detection_auroc, subject_score, voxel_volume_ml)
 
 
 def flat_subject(value: float, hot_outside: float = 100.0) -> tuple[np.ndarray, np.ndarray]:

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from pipeline.atomic import write_json
 from pipeline.bundle import run_bundle
 from pipeline.errors import InputError
-from pipeline.atomic import write_json
-from pipeline.evaluate import compute_metrics, evaluate_scores
-from pipeline.metrics import auprc, auroc
-from pipeline.report import _summary_text
+from pipeline.evaluation.evaluate import compute_metrics, evaluate_scores
+from pipeline.evaluation.metrics import auprc, auroc
+from pipeline.evaluation.report import _summary_text
 
 
 def baseline_settings(dataset: Path, out: Path) -> dict:
@@ -27,7 +27,7 @@ def baseline_settings(dataset: Path, out: Path) -> dict:
 
 def mixed_split(dataset: Path) -> dict:
     """Validation and test each hold healthy and tumour subjects, so subject-level figures are defined."""
-    from pipeline.data import load_subjects
+    from pipeline.data.dataset import load_subjects
 
     items = load_subjects(dataset).data
     tumour = sorted(it["subject"] for it in items if np.asarray(nib.load(it["label"]).dataobj).any())
@@ -187,7 +187,7 @@ def test_subject_without_label_is_refused(baseline_run, dataset_copy, tmp_path):
 
 
 def test_empty_test_split_is_refused(synth_root, tmp_path):
-    from pipeline.data import load_subjects
+    from pipeline.data.dataset import load_subjects
 
     subjects = sorted(item["subject"] for item in load_subjects(synth_root).data)
     split = tmp_path / "split.json"

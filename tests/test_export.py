@@ -1,7 +1,7 @@
 """TorchScript export of the trained network with ``python -m monai.bundle ckpt_export``.
 
 DiffusionModelUNet cannot be scripted and ckpt_export's ``--use_trace`` passes one input, so the
-command swaps ``network_def``'s target for :func:`pipeline.network.traced_diffusion_unet`.
+command swaps ``network_def``'s target for :func:`pipeline.model.network.traced_diffusion_unet`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
+from test_train import tiny
 
 from pipeline.bundle import BUNDLE_DIR, config_files, run_bundle
-from pipeline.checkpoint import load_checkpoint
-from pipeline.network import diffusion_unet, traced_diffusion_unet
-from test_train import tiny
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.model.network import diffusion_unet, traced_diffusion_unet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def export_command(model_pt: Path, model_ts: Path, **overrides) -> list[str]:
            "--filepath", str(model_ts), "--ckpt_file", str(model_pt),
            "--meta_file", str(BUNDLE_DIR / "configs" / "metadata.json"), "--config_file", files,
            "--bundle_root", str(BUNDLE_DIR), "--key_in_ckpt", "",
-           "--network_def#_target_", "pipeline.network.traced_diffusion_unet"]
+           "--network_def#_target_", "pipeline.model.network.traced_diffusion_unet"]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value).replace(" ", "")]
     return cmd
@@ -52,7 +52,7 @@ def test_ckpt_export_gives_torchscript_equal_to_checkpoint(synth_root, tmp_path)
     extra = {"metadata.json": "", "inference.json": ""}  # the config file(s) given, stored as JSON
     exported = torch.jit.load(str(model_ts), map_location="cpu", _extra_files=extra).eval()
     assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["timesteps"]["dtype"] == "long"
-    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "pipeline.network.diffusion_unet"
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "pipeline.model.network.diffusion_unet"
 
     net = diffusion_unet(32, 1, (32, 32, 32)).eval()
     net.load_state_dict(load_checkpoint(model_pt))

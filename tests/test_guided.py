@@ -9,22 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from pipeline.bundle import run_bundle
-from pipeline.checkpoint import load_checkpoint
-from pipeline.cli import main
-from pipeline.data import PreprocessConfig, dataset_split_file, load_subjects
-from pipeline.guided import (HEALTHY, NULL, TUMOUR, ClassConditionalInferer, GuidedPrepareBatch, ddim_invert,
-                             guided_ddim_decode, guided_output, guided_reconstruct, labels_like)
-from pipeline.noise import make_noise
-from pipeline.samplers import _ddim_from, ddim_timesteps
-from pipeline.maps import read_index
-from pipeline.score import SAMPLER_NAMES, ScoreSettings
-from pipeline.slice_cache import LabelledSliceDataset, build_labelled_slice_cache
-from pipeline.network import diffusion_unet, make_scheduler
-from pipeline.transforms import preprocess_transforms
 from test_score import Oracle
 from test_train import as_cli, tiny
+
+from pipeline.bundle import run_bundle
+from pipeline.cli import main
+from pipeline.data.dataset import PreprocessConfig, dataset_split_file, load_subjects
+from pipeline.data.slice_cache import LabelledSliceDataset, build_labelled_slice_cache
+from pipeline.data.transforms import preprocess_transforms
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.model.guided_train import HEALTHY, NULL, TUMOUR, ClassConditionalInferer, GuidedPrepareBatch, labels_like
+from pipeline.model.network import diffusion_unet, make_scheduler
+from pipeline.model.noise import make_noise
+from pipeline.scoring.guided import ddim_invert, guided_ddim_decode, guided_output, guided_reconstruct
+from pipeline.scoring.maps import read_index
+from pipeline.scoring.samplers import _ddim_from, ddim_timesteps
+from pipeline.scoring.settings import SAMPLER_NAMES, ScoreSettings
 
 PREPROCESS = PreprocessConfig(image_size=32, pixdim=(4.0, 4.0, 4.0))
 

@@ -19,10 +19,10 @@ from pipeline.atomic import write_json
 from pipeline.benchmark import load_protocol
 from pipeline.cli import main
 from pipeline.common import TASK
-from pipeline.data import dataset_fingerprint, dataset_split, load_subjects
-from pipeline.leaderboard import read_leaderboard
-from pipeline.registry import DATASET_LABELS, registry_path, split_fingerprint
-from pipeline.split import make_split
+from pipeline.data.dataset import dataset_fingerprint, dataset_split, load_subjects
+from pipeline.data.split import make_split
+from pipeline.leaderboard.registry import DATASET_LABELS, registry_path, split_fingerprint
+from pipeline.leaderboard.submission import read_leaderboard
 
 PREPARE = ["--image-size", "32", "--spacing", "4", "--workers", "1", "--quiet"]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.phantom import make_subject
-from pipeline.transforms import ScaleBrainMediand, ScaleBrainPercentilesd, robust_brain_median
+from pipeline.data.phantom import make_subject
+from pipeline.data.transforms import ScaleBrainMediand, ScaleBrainPercentilesd, robust_brain_median
 
 
 @pytest.fixture(scope="module", params=[0, 1, 2])

@@ -2,7 +2,7 @@
 
 Run folders are faked without training: score maps written straight into each label's space
 (tumour indicator plus noise for a good method, noise only for a bad one) with the index.json
-that ``pipeline.score.score_split`` writes (with :data:`RECON` as every subject's reconstruction
+that ``pipeline.scoring.score.score_split`` writes (with :data:`RECON` as every subject's reconstruction
 record), and the run.json of the benchmark runner.
 """
 
@@ -23,14 +23,14 @@ import pandas as pd
 import pytest
 
 from pipeline.atomic import write_json
-from pipeline.data import dataset_fingerprint, load_subjects
+from pipeline.data.dataset import dataset_fingerprint, load_subjects
+from pipeline.data.split import make_split
 from pipeline.errors import InputError
-from pipeline.evaluate import compute_metrics
-from pipeline.leaderboard import (ADDED_COLUMNS, COLUMNS, append_row, check_method_name, read_leaderboard,
-                                  submission_row, submit)
-from pipeline.ranking import ranked_table, show
-from pipeline.registry import protocol_hash, protocol_record, split_fingerprint
-from pipeline.split import make_split
+from pipeline.evaluation.evaluate import compute_metrics
+from pipeline.leaderboard.ranking import ranked_table, show
+from pipeline.leaderboard.registry import protocol_hash, protocol_record, split_fingerprint
+from pipeline.leaderboard.submission import (ADDED_COLUMNS, COLUMNS, append_row, check_method_name, read_leaderboard,
+                                             submission_row, submit)
 
 N_BOOT = 50
 PROTOCOL_CONTENT = {"id": "synthetic-test-v1", "dataset": "synthetic", "methods": ["good", "bad"], "seeds": [0]}

@@ -27,9 +27,9 @@ from test_leaderboard import N_BOOT, fake_row, good_map, make_run, usable_split
 from pipeline.atomic import write_json
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.leaderboard import append_row, read_leaderboard, submit
-from pipeline.ranking import show
-from pipeline.registry import protocol_hash, protocol_record, registry_path
+from pipeline.leaderboard.ranking import show
+from pipeline.leaderboard.registry import protocol_hash, protocol_record, registry_path
+from pipeline.leaderboard.submission import append_row, read_leaderboard, submit
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_map_paths_that_leave_the_run_are_refused(official, tmp_path, attack):
         item = run / "scores" / "test" / "evil.nii.gz"
         os.link(local, item)
         _point_first_test_map(run, "test/evil.nii.gz")
-        from pipeline.evaluate import load_subject_maps
+        from pipeline.evaluation.evaluate import load_subject_maps
         with pytest.raises(InputError, match="is the label file"):
             load_subject_maps({"image": str(label).replace("labelsTr", "imagesTr"), "label": str(local)}, item)
         return

@@ -8,8 +8,9 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from pipeline.errors import InputError
-from pipeline.metrics import auprc, auroc, best_dice, pixel_metrics, roc_pr_curves, slice_labels, slice_scores
-from pipeline.pooled import ScoreAccumulator
+from pipeline.evaluation.metrics import auprc, auroc, best_dice, pixel_metrics, roc_pr_curves
+from pipeline.evaluation.pooled import ScoreAccumulator
+from pipeline.evaluation.subject_metrics import slice_labels, slice_scores
 
 
 def direct_dice(scores, labels, threshold) -> float:
@@ -61,7 +62,7 @@ def test_auroc_auprc_equal_sklearn(seed, n, ties):
 
 
 def test_chunked_scan_with_ties_across_chunk_edges(monkeypatch):
-    import pipeline.metrics as metrics
+    import pipeline.evaluation.metrics as metrics
 
     monkeypatch.setattr(metrics, "CHUNK", 16)
     monkeypatch.setattr(metrics, "GROUP_CHUNK", 5)
@@ -104,7 +105,7 @@ def test_bad_inputs():
 
 
 def test_accumulator_dice_matches_direct_computation(monkeypatch):
-    import pipeline.metrics as metrics
+    import pipeline.evaluation.metrics as metrics
 
     monkeypatch.setattr(metrics, "CHUNK", 64)  # counts are taken chunk by chunk
     rng = np.random.default_rng(5)
@@ -207,7 +208,7 @@ def test_accumulator_pooled_metrics_and_per_subject_dice():
 
 
 def test_binned_metrics_are_close_to_exact():
-    from pipeline.pooled import _binned_auprc, _binned_auroc
+    from pipeline.evaluation.pooled import _binned_auprc, _binned_auroc
 
     acc = accumulate(make_subjects(12, seed=2))
     hist = acc.histograms()

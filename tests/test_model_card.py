@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.model_card import ENFORCED, apply_card, card_path, check_card, read_card
-from pipeline.network import diffusion_unet
-from pipeline.train import save_model
+from pipeline.model.handlers import save_model
+from pipeline.model.model_card import ENFORCED, apply_card, card_path, check_card, read_card
+from pipeline.model.network import diffusion_unet
 
 TRAINED = {"noise": "simplex", "simplex_octaves": 6, "simplex_persistence": 0.8, "simplex_feature_size": None,
            "coarse_resolution": None, "schedule": "linear", "num_train_timesteps": 1000, "prediction_type": "sample",
@@ -86,12 +86,12 @@ def test_multi_process_scoring_takes_the_card_too(model, monkeypatch):
     """`pipeline score --nproc N` fills the settings from the card before torchrun starts the ranks."""
     import subprocess
 
-    from pipeline import cli
+    from pipeline.cli import workflows
 
     launched = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, **kwargs: launched.append(cmd) or 0)
-    cli._run_torchrun("multi_gpu_inference", 2, {"model_path": str(model), "sampler": "x0"})
+    workflows.run_torchrun("multi_gpu_inference", 2, {"model_path": str(model), "sampler": "x0"})
     args = launched[0]
     assert args[args.index("--noise") + 1] == "simplex" and args[args.index("--image_size") + 1] == "16"
     with pytest.raises(InputError, match="trained with"):
-        cli._run_torchrun("multi_gpu_inference", 2, {"model_path": str(model), "noise": "gaussian"})
+        workflows.run_torchrun("multi_gpu_inference", 2, {"model_path": str(model), "noise": "gaussian"})

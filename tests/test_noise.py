@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.errors import InputError
-from pipeline.noise import NOISE_TYPES, PERIOD, NoiseGenerator, make_noise, simplex_noise_2d
+from pipeline.model.noise import NOISE_TYPES, PERIOD, NoiseGenerator, make_noise, simplex_noise_2d
 
 SHAPE = (4, 2, 32, 32)
 

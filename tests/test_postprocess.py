@@ -6,16 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from pipeline.noise import make_noise
-from pipeline.postprocess import (HealthyResidualStats, map_from_residual, median_filter, median_filter_3d,
-                                  remove_small_components)
-from pipeline.samplers import (ddim_reconstruct, noise_patch, patch_grid, patch_masks, patched_reconstruct,
-                               x0_reconstruct)
-from pipeline.score import Scorer, ScoreSettings, noise_streams, reconstruct
-from pipeline.network import make_scheduler
-from pipeline.train import NoisePrepareBatch, clean_outside
 from test_score import Oracle, _slices
+
+from pipeline.model.network import make_scheduler
+from pipeline.model.noise import make_noise
+from pipeline.model.train import NoisePrepareBatch, clean_outside
+from pipeline.scoring.postprocess import (HealthyResidualStats, map_from_residual, median_filter, median_filter_3d,
+                                          remove_small_components)
+from pipeline.scoring.samplers import (ddim_reconstruct, noise_patch, patch_grid, patch_masks, patched_reconstruct,
+                                       x0_reconstruct)
+from pipeline.scoring.score import Scorer, noise_streams, reconstruct
+from pipeline.scoring.settings import ScoreSettings
 
 
 class Linear:
@@ -188,7 +189,7 @@ def test_erode_equals_monai_erosion():
     """The hand-written min-pool erosion gives MONAI's binary erosion (outside the image counts as mask)."""
     from monai.transforms.utils_morphological_ops import erode as monai_erode
 
-    from pipeline.postprocess import erode
+    from pipeline.scoring.postprocess import erode
 
     mask = (torch.rand(6, 1, 24, 24, generator=torch.Generator().manual_seed(0)) > 0.3).float()
     mask[:, :, 4:20, 4:20] = 1

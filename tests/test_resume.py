@@ -19,7 +19,7 @@ from ignite.engine import Events
 
 from pipeline.atomic import atomic_path, remove_orphans
 from pipeline.bundle import make_workflow, run_bundle
-from pipeline.checkpoint import EpochSampler, GlobalRNG, checkpoint_files, load_checkpoint
+from pipeline.model.checkpoint import EpochSampler, GlobalRNG, checkpoint_files, load_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 30

@@ -13,18 +13,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_train import tiny
 
 from pipeline.bundle import run_bundle
-from pipeline.data import PreprocessConfig, load_subjects
+from pipeline.data.dataset import PreprocessConfig, load_subjects
+from pipeline.data.transforms import preprocess_transforms
 from pipeline.errors import InputError, find_input_error
-from pipeline.noise import make_noise
-from pipeline.maps import invert_to_original, preprocess_subject, read_index
-from pipeline.samplers import ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, noise_to
-from pipeline.score import (SAMPLER_NAMES, SAMPLERS, Scorer, ScoreSettings, anomaly_map, load_scorer, noise_streams,
-                            reconstruct, score_split, score_subject)
-from pipeline.network import diffusion_unet, make_scheduler
-from pipeline.transforms import preprocess_transforms
-from test_train import tiny
+from pipeline.model.network import diffusion_unet, make_scheduler
+from pipeline.model.noise import make_noise
+from pipeline.scoring.maps import invert_to_original, preprocess_subject, read_index
+from pipeline.scoring.samplers import ddim_reconstruct, ddim_timesteps, ddpm_reconstruct, noise_to
+from pipeline.scoring.score import (SAMPLERS, Scorer, anomaly_map, load_scorer, noise_streams, reconstruct, score_split,
+                                    score_subject)
+from pipeline.scoring.settings import SAMPLER_NAMES, ScoreSettings
 
 PREPROCESS = PreprocessConfig(image_size=32, pixdim=(4.0, 4.0, 4.0))
 
@@ -371,8 +372,9 @@ def test_two_process_sharded_scoring_equals_single_process(trained):
     import subprocess
     import sys
 
-    from pipeline.bundle import config_files
     from test_train import REPO, as_cli
+
+    from pipeline.bundle import config_files
 
     settings = {**trained, "sampler": "x0", "t_start": 10, "residual_norm": "position", "median_3d": 3}
     single = Path(trained["output_dir"]) / "single"

@@ -2,7 +2,7 @@
 links that resolve, and user text that stays text.
 
 The leaderboard is a small fixture (no training, no metric computation): rows appended with
-:func:`pipeline.leaderboard.append_row` and their per-subject sidecars, plus run folders holding
+:func:`pipeline.leaderboard.submission.append_row` and their per-subject sidecars, plus run folders holding
 what the benchmark runner leaves (run.json, config, environment, report PNG, NIfTI maps and masks).
 One row is written into the CSV by hand, as a hostile editor could, with markup in its method
 name and code version (``append_row`` itself refuses such names).
@@ -25,8 +25,8 @@ import pytest
 from pipeline.atomic import write_json
 from pipeline.cli import main
 from pipeline.errors import InputError
-from pipeline.leaderboard import COLUMNS, append_row
-from pipeline.site import build_site
+from pipeline.leaderboard.site import build_site
+from pipeline.leaderboard.submission import COLUMNS, append_row
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 SUBJECTS = [f"BRATS_{i:03d}" for i in range(1, 9)]
@@ -280,7 +280,7 @@ def test_command_rebuilds_and_refuses_a_foreign_folder(board, tmp_path, capsys):
 def test_weakly_supervised_entries_are_marked(tmp_path):
     from test_leaderboard import fake_row
 
-    from pipeline.site import build_site
+    from pipeline.leaderboard.site import build_site
 
     csv_path = tmp_path / "lb.csv"
     append_row(csv_path, fake_row("guided-cf", metric=0.9, supervision="weak slice labels"))

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline import phantom, synth
+from pipeline.data import phantom, synth
 from pipeline.errors import InputError
 
 SEED, SPACING, N_HEALTHY, N_TUMOUR = 3, 4.0, 2, 3
@@ -174,7 +174,7 @@ def test_bad_arguments(tmp_path, kwargs):
 def test_rotation_is_scipys_extrinsic_xyz():
     from scipy.spatial.transform import Rotation
 
-    from pipeline.phantom import _rotation
+    from pipeline.data.phantom import _rotation
 
     angles = np.random.default_rng(0).uniform(-0.3, 0.3, size=(5, 3))
     for a in angles:

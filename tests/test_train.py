@@ -13,11 +13,11 @@ import torch
 from ignite.engine import Events
 
 from pipeline.bundle import config_files, make_workflow, run_bundle
-from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import InputError
-from pipeline.noise import make_noise
-from pipeline.network import diffusion_unet, make_scheduler
-from pipeline.train import total_steps, warmup_cosine
+from pipeline.model.checkpoint import load_checkpoint
+from pipeline.model.network import diffusion_unet, make_scheduler
+from pipeline.model.noise import make_noise
+from pipeline.model.train import total_steps, warmup_cosine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -195,8 +195,8 @@ def test_training_length_in_steps_and_warmup_cosine_schedule(synth_root, shared,
 
 def test_ddp_ranks_draw_their_own_noise_and_timesteps(monkeypatch):
     """Rank 0 keeps the run's seed; another rank is offset, so ranks do not noise their slices alike."""
-    from pipeline import train
-    from pipeline.train import RANK_SEED_STRIDE, NoisePrepareBatch
+    from pipeline.model import train
+    from pipeline.model.train import RANK_SEED_STRIDE, NoisePrepareBatch
 
     scheduler, noise = make_scheduler(), make_noise("gaussian", seed=3)
     first = NoisePrepareBatch(scheduler, noise, seed=3)

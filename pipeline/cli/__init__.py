@@ -1,0 +1,66 @@
+"""Command line: one small module per command group, each calling the same library functions the bundle does.
+
+Heavy imports (MONAI, torch) happen inside each command so ``pipeline --help`` stays instant. Bad input
+ends with one line ``error: <file>: <problem>`` and exit code 2. ``--quiet`` everywhere: warnings and
+errors only, and the final summary line. The flag grammar is in :mod:`pipeline.cli.grammar`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.cli.data import add_data_commands
+from pipeline.cli.grammar import canonical_arguments
+from pipeline.cli.leaderboard import add_benchmark_command, add_leaderboard_commands
+from pipeline.cli.workflows import add_workflow_commands, run_torchrun
+from pipeline.errors import InputError, find_input_error
+
+__all__ = ["build_parser", "canonical_arguments", "main", "run_torchrun"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline", allow_abbrev=False,
+        description="Unsupervised brain-tumour detection with diffusion models (MONAI). "
+                    "Each command calls the same library functions as the bundle configs.")
+    from pipeline import __version__
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add_data_commands(sub)
+    add_workflow_commands(sub)
+    add_benchmark_command(sub)
+    add_leaderboard_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = canonical_arguments(parser, argv)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "bundle", False):
+        args.settings = extra
+    elif extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        args.func(args)
+    except Exception as err:  # noqa: BLE001 - bad input -> one line; anything else re-raised
+        found = find_input_error(err)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""One leaderboard site page per run: recomputed numbers, per-subject table, environment, config, provenance.
+
+Also the row helpers the index page shares (baseline marking, intervals, the paired-test badge); the
+index and the folder it is written to are :mod:`pipeline.leaderboard.site`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipeline.common import is_real, read_optional_json
+from pipeline.leaderboard.webpage import esc, facts, href, html_page, html_table, missing, num, sort_key, td
+
+BASELINE_PREFIX = "flair-baseline"
+
+
+LABELS = {"auprc": "AUPRC", "auroc": "AUROC", "dice": "Dice"}
+
+
+def is_baseline(method) -> bool:
+    """The FLAIR-intensity baseline, named so by the benchmark runner (``flair-baseline...``)."""
+    return str(method).startswith(BASELINE_PREFIX)
+
+
+def run_dir_of(row) -> Path | None:
+    path = Path(str(row["run_dir"])) if str(row["run_dir"]) else None
+    return path if path is not None and path.is_dir() else None
+
+
+def paired_badge(row, metric: str) -> tuple[str, float]:
+    """The paired-test verdict as a coloured badge, and a sort key (top first, untested last)."""
+    if row["top_row_id"] == row["row_id"]:
+        return '<span class="badge b-top" title="best entry of this protocol">top</span>', -1.0
+    if row["differs_from_top"] is None or missing(row["p_vs_top"]):
+        return '<span class="badge b-na" title="no per-subject values to pair">n/a</span>', 2.0
+    p, n = float(row["p_vs_top"]), int(row["paired_subjects"])
+    tip = (f"Wilcoxon signed-rank test of per-subject {LABELS[metric]} against the top entry over {n} test "
+           f"subjects; mean difference top - entry {float(row['diff_vs_top']):+.3f}")
+    if row["differs_from_top"]:
+        return f'<span class="badge b-diff" title="{esc(tip)}">&#8800; p={p:.2g}</span>', p
+    return f'<span class="badge b-same" title="{esc(tip)}">&#8776; p={p:.2g}</span>', p
+
+
+def with_ci(row, m: str, sep: str = " ") -> str:
+    return (f"{num(row[m])}{sep}<span class=ci>[{num(row[m + '_ci_low'])}, {num(row[m + '_ci_high'])}]</span>"
+            if not missing(row[m]) else "")
+
+
+def _numbers(mapping) -> dict:
+    """The numeric values of a mapping read from a run's own file (anything else is left out)."""
+    if not isinstance(mapping, dict):
+        return {}
+    return {k: v for k, v in mapping.items() if is_real(v, finite=False)}
+
+
+def _pair(a: str, b: str) -> str:
+    return f"{a or 'n/a'} / {b or 'n/a'}"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def _subject_files(run_dir: Path | None) -> dict[str, dict[str, Path]]:
+    """Per subject: the anomaly map and the thresholded mask, where the files exist inside the run."""
+    if run_dir is None:
+        return {}
+    index = read_optional_json(run_dir / "scores" / "index.json")
+    entries = index.get("subjects", {}) if isinstance(index, dict) else {}
+    files = {}
+    for name, item in entries.items() if isinstance(entries, dict) else ():
+        found = {}
+        score = (item.get("files") or {}).get("score") if isinstance(item, dict) else None
+        if isinstance(score, str):
+            found["map"] = run_dir / "scores" / score
+        found["mask"] = run_dir / "evaluation" / "masks" / f"{name}_mask.nii.gz"
+        files[name] = {k: p for k, p in found.items() if p.is_file() and _inside(p, run_dir)}
+    return files
+
+
+def _subjects_table(subjects: dict, files: dict, fp_ml: dict, page_dir: Path) -> str:
+    headers = [("subject", "t"), ("tumour voxels", ""), ("Dice", ""), ("AUROC", ""), ("AUPRC", ""),
+               ("FP ml", ""), ("map", "t"), ("mask", "t")]
+    rows = []
+    for name in sorted(subjects):
+        values = subjects[name] if isinstance(subjects[name], dict) else {}
+        links = {k: f'<a href="{href(p, page_dir)}">{k}</a>' for k, p in files.get(name, {}).items()}
+        rows.append("<tr>" + "".join([
+            td(esc(name), name, "t"), td(esc(values.get("tumour_voxels", "")), values.get("tumour_voxels")),
+            *(td(num(values.get(m)), sort_key(values.get(m))) for m in ("dice", "auroc", "auprc")),
+            td(num(fp_ml.get(name), ".2f"), sort_key(fp_ml.get(name))),
+            td(links.get("map", ""), None, "t"), td(links.get("mask", ""), None, "t")]) + "</tr>")
+    return html_table(headers, rows) if rows else "<p class=muted>No per-subject values were stored for this entry.</p>"
+
+
+def _json_table(mapping: dict) -> str:
+    """Key / value rows; values as compact JSON, all escaped."""
+    mapping = mapping if isinstance(mapping, dict) else {}
+    rows = [f"<tr><td class=t><code>{esc(k)}</code></td><td class=t><code>"
+            f"{esc(json.dumps(v, default=str) if not isinstance(v, str) else v)}</code></td></tr>"
+            for k, v in sorted(mapping.items())]
+    return f"<table><tbody>{''.join(rows)}</tbody></table>" if rows else "<p class=muted>none recorded</p>"
+
+
+def _code_version(row, env: dict) -> str:
+    """The version the leaderboard row records, and the run's own record where it says otherwise."""
+    text = f"<code>{esc(row['code_version'])}</code>"
+    other = env.get("code_version")
+    return text + (f" (environment.json: <code>{esc(other)}</code>)" if other and other != row["code_version"] else "")
+
+
+def _run_links(run_dir: Path | None, page_dir: Path) -> str:
+    names = ("run.json", "config.json", "environment.json", "evaluation/metrics.json", "evaluation/per_subject.csv",
+             "scores/index.json")
+    found = [(n, run_dir / n) for n in names if run_dir is not None and (run_dir / n).is_file()]
+    return " · ".join(f'<a href="{href(p, page_dir)}">{esc(n)}</a>' for n, p in found) or "none found"
+
+
+def _summary(row, metric: str) -> list[tuple[str, str]]:
+    """The leaderboard's numbers for one entry (recomputed from its maps when it was submitted)."""
+    return [(f"{LABELS[m]} [95% CI]", with_ci(row, m)) for m in ("auprc", "auroc", "dice")] + [
+        ("Dice oracle (best threshold on test)", num(row["dice_oracle"])),
+        ("subject-level AUROC (tumour vs healthy subjects)", num(row["subject_auroc"])),
+        ("false-positive ml per healthy test subject", num(row["fp_ml_healthy"], ".2f")),
+        ("validation residual healthy / tumour:healthy",
+         _pair(num(row["healthy_residual"], ".4f"), num(row["residual_ratio"], ".2f"))),
+        ("validation PSNR / SSIM", _pair(num(row["psnr"], ".2f"), num(row["ssim"], ".3f"))),
+        (f"paired test vs top ({LABELS[metric]})", paired_badge(row, metric)[0])]
+
+
+def _environment(row, env: dict) -> str:
+    packages = env.get("packages") if isinstance(env.get("packages"), dict) else {}
+    return "\n".join(["<h2>Environment</h2>", facts([
+        ("code version", _code_version(row, env)), ("hardware", esc(env.get("hardware", row["hardware"]))),
+        ("python", esc(env.get("python", ""))), ("platform", esc(env.get("platform", "")))]),
+        "<h3>Packages</h3>", _json_table(packages)])
+
+
+def _provenance(row, run_dir: Path | None, site_runs: Path) -> str:
+    def code(column):
+        return f"<code>{esc(row[column])}</code>"
+
+    return facts([("row id", code("row_id")), ("seed", esc(num(row["seed"], ".0f"))),
+                   ("config hash", code("config_hash")), ("protocol hash", code("protocol_hash")),
+                   ("dataset fingerprint", code("dataset_fingerprint")), ("split fingerprint", code("split_fingerprint")),
+                   ("run folder", code("run_dir") + ("" if run_dir else " (not found here)")),
+                   ("files", _run_links(run_dir, site_runs))])
+
+
+def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | None) -> str:
+    """One entry: numbers, report figure, per-subject table, environment, timings, config, files."""
+    run_dir = run_dir_of(row)
+    record, config, env, metrics = ((read_optional_json(run_dir / name) if run_dir else None) or {} for name in
+                                    ("run.json", "config.json", "environment.json", "evaluation/metrics.json"))
+    test = metrics.get("test")
+    fp_ml = _numbers(test.get("false_positive_ml_per_healthy_subject") if isinstance(test, dict) else None)
+    base = ' <span class="badge b-base">baseline</span>' if is_baseline(row["method"]) else ""
+    body = ['<p class="small"><a href="../index.html">&larr; leaderboard</a></p>',
+            f"<h1>{esc(row['method'])}{base}</h1>",
+            f'<p class="muted">rank {esc(row["rank"])} of protocol <b>{esc(row["protocol_id"])}</b>, '
+            f"{esc(num(row['test_subjects'], '.0f'))} test subjects</p>",
+            "<h2>Numbers (recomputed at submission)</h2>", facts(_summary(row, metric)),
+            "<h2>Report</h2>",
+            f'<img class="report" src="{esc(figure)}" alt="report figure">' if figure
+            else "<p class=muted>No report figure found in the run folder.</p>",
+            "<h2>Per test subject</h2>",
+            '<p class="muted small">Dice at the validation threshold, AUROC / AUPRC over the subject\'s brain voxels '
+            "(blank where undefined); FP ml: false-positive volume of a healthy subject, from the run's own "
+            "evaluation. Maps and masks are NIfTI files in the subject's original space.</p>",
+            _subjects_table(subjects, _subject_files(run_dir), fp_ml, site_runs),
+            _environment(row, env),
+            "<h2>Timings</h2>", facts([
+                ("training s", num(row["train_seconds"], ".1f")), ("scoring s", num(row["inference_seconds"], ".1f")),
+                ("run created", esc(record.get("created", ""))), ("submitted", esc(row["submitted_at"]))]),
+            "<h2>Resolved config</h2>", _json_table(config or record.get("entry") or {}),
+            "<h2>Provenance</h2>", _provenance(row, run_dir, site_runs)]
+    return html_page(f"{row['method']} - {row['protocol_id']}", "\n".join(body))
+
+
+def copy_figure(row, tmp_runs: Path) -> str | None:
+    """Copy the run's report PNG into the site (the only copied file); its link relative to the page."""
+    run_dir = run_dir_of(row)
+    source = run_dir / "evaluation" / "report.png" if run_dir else None
+    if source is None or not source.is_file():
+        return None
+    target = tmp_runs / row["row_id"] / "report.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return f"{row['row_id']}/report.png"

@@ -1,0 +1,361 @@
+"""Leaderboard stage: recompute a run's numbers from its maps, append them to a CSV, rank them.
+
+Trust. A submission never uses the run's own ``evaluation/metrics.json``: :func:`submission_row`
+recomputes every number with :func:`pipeline.evaluation.evaluate.compute_metrics` from the saved maps.
+Nothing the submitter brings decides *what* a run is checked against. A leaderboard is bound to
+its protocols: the first submission under a protocol id (or ``pipeline leaderboard init``)
+records, in ``<name>.protocols.json`` beside the CSV, the protocol's content and hash, the dataset
+folder and its content fingerprint (:func:`pipeline.data.dataset.dataset_fingerprint`) and the canonical
+patient split computed from the protocol (never a split file from a results folder). Later runs
+under that id must carry the same protocol hash, the registered data (unchanged since) and split,
+and maps that cover exactly the registered validation and test subjects (a run cannot drop hard
+test patients). Map paths must stay inside the run's ``scores/`` folder and maps must sit on their
+image's grid (:func:`pipeline.evaluation.evaluate.checked_index`); the same test maps under another name are
+a duplicate (``maps_hash``). With ``ground_truth_dir`` the test labels come from a folder that
+participants never receive, as on challenge platforms.
+
+The CSV (one row per submission, columns :data:`COLUMNS`). Appends go through :func:`append_row`
+under ``filelock.FileLock(<csv>.lock)``: existing rows are read, the new row added and the whole
+file rewritten to a temporary file that replaces the CSV (``os.replace``), so concurrent
+submitters never lose a row and readers never see half a file. Spreadsheet safety (OWASP
+"CSV injection"): a text cell starting with ``= + - @``, tab or carriage return is stored with a
+leading ``'``; numbers are written as numbers. Line breaks and control characters are refused in
+every text field, method names must match :data:`METHOD_PATTERN`; Markdown output escapes HTML. A
+CSV written before the :data:`LATER_COLUMNS` existed still reads (those cells empty) and is
+upgraded on its next append. Crash hygiene: the per-subject sidecar is written before the CSV row
+that names it, so a row never lacks its sidecar; a writer killed in between leaves a sidecar with
+no row and perhaps a temporary file, which the next writer removes while it holds the lock (every
+writer holds it while writing, so whatever it finds is a dead writer's).
+
+Ranking and the paired test over patients live in :mod:`pipeline.leaderboard.ranking`.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import numbers
+import re
+import unicodedata
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from pipeline.atomic import atomic_path, write_json
+from pipeline.common import is_int, is_real, read_json
+from pipeline.errors import InputError
+from pipeline.evaluation.metrics import METRICS, pixel_metrics
+from pipeline.leaderboard.registry import (bind_ground_truth, bound_protocol, check_provenance, field, locked,
+                                           registry_path)
+
+if TYPE_CHECKING:  # evaluate imports MONAI: loaded only when a submission is evaluated
+    from pipeline.evaluation.evaluate import Evaluation
+
+COLUMNS = [
+    "row_id",  # 32 hex digits; names the per-subject sidecar
+    "method", "protocol_id", "protocol_hash", "dataset_fingerprint", "split_fingerprint",
+    "config_hash", "maps_hash", "seed", "code_version",
+    "supervision",  # what labels the method learnt from: "unsupervised" or "weak slice labels"
+    "auroc", "auroc_ci_low", "auroc_ci_high",  # pooled test brain voxels, patient-level 95 % bootstrap CI
+    "auprc", "auprc_ci_low", "auprc_ci_high",
+    "dice", "dice_ci_low", "dice_ci_high",  # threshold chosen on validation subjects (the honest number)
+    "dice_oracle",  # best Dice over thresholds on test itself (an oracle, not achievable)
+    "subject_auroc",  # tumour vs healthy test subjects, each scored by the 99th percentile of its map
+    "fp_ml_healthy",  # mean false-positive ml per healthy test subject at the validation threshold
+    "healthy_residual", "residual_ratio", "psnr", "ssim",  # reconstruction quality on validation subjects
+    "test_subjects", "n_boot",
+    "train_seconds", "inference_seconds", "hardware",
+    "submitted_at",  # UTC, ISO 8601
+    "run_dir",  # absolute path of the run folder
+]
+"""CSV columns, in file order."""
+
+ADDED_COLUMNS = {"subject_auroc": "test.subject_auroc", "fp_ml_healthy": "test.false_positive_ml_healthy",
+                 "healthy_residual": "validation.reconstruction.healthy_residual",
+                 "residual_ratio": "validation.reconstruction.residual_ratio",
+                 "psnr": "validation.reconstruction.psnr", "ssim": "validation.reconstruction.ssim"}
+"""Columns added after the first CSVs were written (-> their place in metrics.json). A CSV without
+them still reads (empty cells) and gains them, empty for the old rows, on its next append."""
+
+LATER_COLUMNS = frozenset({*ADDED_COLUMNS, "maps_hash", "supervision"})
+"""Columns a CSV from an earlier version may lack (read as empty)."""
+
+NUMERIC_COLUMNS = frozenset({"seed", "test_subjects", "n_boot", "train_seconds", "inference_seconds",
+                             "dice_oracle", *ADDED_COLUMNS}
+                            | {f"{m}{s}" for m in METRICS for s in ("", "_ci_low", "_ci_high")})
+
+SUPERVISION = ("unsupervised", "weak slice labels")
+"""What a method may have learnt from; weakly supervised entries are marked, never ranked as unsupervised."""
+
+METHOD_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,79}")
+"""Method names: a letter or digit, then up to 79 of letters, digits, ``. _ + -`` (no paths, no spaces)."""
+
+ROW_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+COMPARABLE = ("protocol_id", "protocol_hash", "dataset_fingerprint", "split_fingerprint")
+"""Entries agreeing on these saw the same patients; only they are tested against each other."""
+DUPLICATE_KEY = ("method", "protocol_hash", "dataset_fingerprint", "split_fingerprint", "config_hash", "seed",
+                 "code_version")
+"""A second row equal on all of these is the same run submitted again, and is refused."""
+
+
+# ----------------------------------------------------------------------------- field checks
+
+
+def check_method_name(name, source="method") -> str:
+    if not isinstance(name, str) or not METHOD_PATTERN.fullmatch(name):
+        raise InputError(source, f"method name {name!r} must match {METHOD_PATTERN.pattern} "
+                                 "(letters, digits, '._+-', at most 80 characters)")
+    return name
+
+
+def _check_text(column: str, value, source) -> str:
+    """A text cell: a string without line breaks or control characters (tab allowed)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(source, f"{column} must be text, got {type(value).__name__}")
+    bad = [c for c in value if c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp")]
+    if bad:
+        raise InputError(source, f"{column} contains a line break or control character ({bad[0]!r})")
+    return value
+
+
+def _check_number(column: str, value, source):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if not is_real(value):
+        raise InputError(source, f"{column} must be a finite number, got {value!r}")
+    return value
+
+
+def _cell(column: str, value, source="leaderboard row") -> str:
+    """The CSV text of one checked value; formula-like text gets a leading quote (OWASP)."""
+    if column in NUMERIC_COLUMNS:
+        value = _check_number(column, value, source)
+        if value is None:
+            return ""
+        return str(int(value)) if isinstance(value, numbers.Integral) else repr(float(value))
+    text = _check_text(column, value, source)
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def _serialise(row: dict) -> list[str]:
+    missing = [c for c in COLUMNS if c not in row]
+    if missing:
+        raise InputError("leaderboard row", f"missing columns: {', '.join(missing)}")
+    check_method_name(row["method"], "leaderboard row")
+    if not isinstance(row["row_id"], str) or not ROW_ID_PATTERN.fullmatch(row["row_id"]):
+        raise InputError("leaderboard row", f"row_id must be 32 lowercase hex digits, got {row['row_id']!r}")
+    return [_cell(c, row[c]) for c in COLUMNS]
+
+
+# ----------------------------------------------------------------------------- building a row
+
+
+def _check_run_dir(run_dir) -> Path:
+    _check_text("run_dir", str(run_dir), "run_dir")
+    path = Path(run_dir).resolve()
+    _check_text("run_dir", str(path), "run_dir")
+    if not path.is_dir():
+        raise InputError(path, "run folder not found")
+    scores = (path / "scores").resolve()
+    if not scores.is_relative_to(path):
+        raise InputError(path / "scores", f"scores folder leaves the run folder (-> {scores})")
+    return path
+
+
+class MapsHash:
+    """SHA-256 over the test maps' float32 voxel values by sorted subject name, fed one subject at a
+    time while evaluation streams: the same maps under another name or re-encoded in another file
+    are the same submission."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._last = None
+
+    def add(self, name: str, data: dict, _threshold: float | None = None) -> None:
+        """Hash one subject's map (a :data:`pipeline.evaluation.evaluate.SubjectVisitor`); names must come sorted."""
+        if self._last is not None and name <= self._last:
+            raise ValueError(f"maps must be hashed in sorted subject order ({name!r} after {self._last!r})")
+        score = np.ascontiguousarray(data["score"], dtype=np.float32)
+        self._digest.update(f"{name}:{score.shape};".encode())
+        self._digest.update(score)
+        self._last = name
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+def _per_subject(result: Evaluation) -> dict:
+    """Per test subject: AUROC / AUPRC (None where undefined), Dice at the validation threshold."""
+    dice = result.metrics["test"]["per_subject_dice"]
+    out = {}
+    for name, scores, tumour in result.voxels.items():
+        n_pos = int(tumour.sum())
+        px = pixel_metrics(scores, tumour) if 0 < n_pos < tumour.size else {}
+        out[name] = {"auroc": px.get("auroc"), "auprc": px.get("auprc"), "dice": dice[name], "tumour_voxels": n_pos}
+    return out
+
+
+def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, ground_truth_dir=None) -> dict:
+    """One leaderboard row for ``run_dir``, every number recomputed from its maps (see module doc).
+
+    ``record``: the registered protocol (:func:`bound_protocol`). ``ground_truth_dir``: where the
+    test labels are when participants never had them. The row holds :data:`COLUMNS` plus
+    ``"subjects"`` (per-test-subject values for the paired test).
+    """
+    from pipeline.evaluation.evaluate import compute_metrics
+
+    run_dir = _check_run_dir(run_dir)
+    run_json = run_dir / "run.json"
+    run = read_json(run_json, "run record")
+    row = {"row_id": uuid.uuid4().hex,
+           "method": check_method_name(field(run, "method", run_json), run_json),
+           "protocol_id": field(run, "protocol.id", run_json),
+           "protocol_hash": field(run, "protocol.hash", run_json),
+           "dataset_fingerprint": field(run, "dataset.fingerprint", run_json),
+           "split_fingerprint": field(run, "split.fingerprint", run_json),
+           "config_hash": field(run, "config_hash", run_json), "seed": field(run, "seed", run_json),
+           "code_version": field(run, "code_version", run_json), "hardware": run.get("hardware"),
+           "train_seconds": (run.get("timings") or {}).get("train_seconds"),
+           "inference_seconds": (run.get("timings") or {}).get("inference_seconds"),
+           "run_dir": str(run_dir), "supervision": field(run, "supervision", run_json)}
+    if row["supervision"] not in SUPERVISION:
+        raise InputError(run_json, f"supervision {row['supervision']!r} is not one of {', '.join(SUPERVISION)}")
+    if not is_int(row["seed"]):
+        raise InputError(run_json, f"seed must be an integer, got {row['seed']!r}")
+    for column, value in row.items():  # fail before the expensive part
+        _cell(column, value, run_json)
+    check_provenance(run, run_json, run_dir, record)
+
+    maps = MapsHash()
+    result = compute_metrics(record["dataset_dir"], run_dir / "scores", row["method"], n_boot=n_boot, seed=seed,
+                             progress=False, ground_truth_dir=ground_truth_dir or None, on_test_subject=maps.add)
+    metrics, test = result.metrics, result.metrics["test"]
+
+    for m in METRICS:
+        row[m] = test[m]
+        row[f"{m}_ci_low"], row[f"{m}_ci_high"] = test["ci95"][m]
+    row.update({column: field(metrics, dotted, run_dir) for column, dotted in ADDED_COLUMNS.items()})
+    row.update(dice_oracle=test["dice_oracle"], test_subjects=test["subjects"], n_boot=n_boot,
+               maps_hash=maps.hexdigest(), submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               subjects=_per_subject(result))
+    return {c: row[c] for c in [*COLUMNS, "subjects"]}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def subjects_dir(csv_path) -> Path:
+    """``<name>.subjects/`` beside ``<name>.csv``: one per-test-subject JSON per row."""
+    csv_path = Path(csv_path)
+    return csv_path.with_name(csv_path.stem + ".subjects")
+
+
+def _column_positions(header: list[str], source) -> list[int | None]:
+    """Where each of :data:`COLUMNS` sits in ``header`` (None: an older CSV without that added column)."""
+    if header != [c for c in COLUMNS if c in header] or set(COLUMNS) - set(header) - LATER_COLUMNS:
+        raise InputError(source, f"not a leaderboard of this version (columns {header[:4]}...)")
+    return [header.index(c) if c in header else None for c in COLUMNS]
+
+
+def _read_rows(csv_path: Path) -> list[list[str]]:
+    """Raw cells of the existing data rows (kept byte for byte) in :data:`COLUMNS` order; checks the header."""
+    if not csv_path.exists():
+        return []
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return []
+    positions = _column_positions(rows[0], csv_path)
+    if any(len(r) != len(rows[0]) for r in rows[1:]):
+        raise InputError(csv_path, f"a row does not have the header's {len(rows[0])} cells")
+    return [["" if i is None else r[i] for i in positions] for r in rows[1:]]
+
+
+def _remove_dead_writers_files(csv_path: Path, rows: list[list[str]]) -> None:
+    """Under the lock: temporary files of killed writers, and sidecars whose row never landed."""
+    for tmp in csv_path.parent.glob(f".{csv_path.name}.*.tmp.csv"):
+        tmp.unlink(missing_ok=True)
+    for tmp in csv_path.parent.glob(f".{registry_path(csv_path).name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    folder = subjects_dir(csv_path)
+    if folder.is_dir():
+        landed = {r[0] for r in rows}
+        for path in folder.iterdir():
+            committed = ROW_ID_PATTERN.fullmatch(path.stem) and path.suffix == ".json" and path.stem in landed
+            if not committed and (path.name.startswith(".") or ROW_ID_PATTERN.fullmatch(path.stem)):
+                path.unlink(missing_ok=True)
+
+
+def _refuse_duplicates(csv_path: Path, rows: list[list[str]], cells: list[str], row: dict) -> None:
+    key = [COLUMNS.index(c) for c in DUPLICATE_KEY]
+    same_maps = [COLUMNS.index(c) for c in ("protocol_hash", "maps_hash")]
+    for old in rows:
+        if [old[i] for i in key] == [cells[i] for i in key]:
+            raise InputError(csv_path, f"{row['method']} (seed {row['seed']}) with this config, code version "
+                                       f"and protocol is already on the leaderboard (row {old[0]})")
+        if row.get("maps_hash") and [old[i] for i in same_maps] == [cells[i] for i in same_maps]:
+            raise InputError(csv_path, f"the test maps of {row['method']} are identical to those of "
+                                       f"{old[COLUMNS.index('method')]} (row {old[0]}) already on the leaderboard")
+
+
+def append_row(csv_path, row: dict) -> None:
+    """Append one row (its ``subjects`` go to the sidecar first), safe against concurrent writers
+    and against a writer killed at any instant (see module doc)."""
+    csv_path = Path(csv_path)
+    cells = _serialise(row)
+    with locked(csv_path):
+        rows = _read_rows(csv_path)
+        _remove_dead_writers_files(csv_path, rows)
+        _refuse_duplicates(csv_path, rows, cells, row)
+        if row.get("subjects") is not None:
+            write_json(subjects_dir(csv_path) / f"{row['row_id']}.json",
+                       {"row_id": row["row_id"], "method": row["method"], "subjects": row["subjects"]})
+        with atomic_path(csv_path, suffix=".csv") as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerows([COLUMNS, *rows, cells])
+
+
+def submit(run_dir, csv_path, protocol: dict | None = None, n_boot: int = 1000, seed: int = 0,
+           ground_truth_dir=None) -> dict:
+    """Validate and recompute ``run_dir`` (:func:`submission_row`) against the protocol registered
+    under its protocol id (``protocol``, a binding from the protocol file, registers it the first
+    time and must agree with the record later); append it; returns the row."""
+    run_json = _check_run_dir(run_dir) / "run.json"
+    protocol_id = field(read_json(run_json, "run record"), "protocol.id", run_json)
+    record = bound_protocol(csv_path, protocol_id, protocol)
+    bind_ground_truth(csv_path, protocol_id, ground_truth_dir, write=False)  # fail before scoring
+    row = submission_row(run_dir, record, n_boot=n_boot, seed=seed, ground_truth_dir=ground_truth_dir)
+    bind_ground_truth(csv_path, protocol_id, ground_truth_dir)
+    append_row(csv_path, row)
+    return row
+
+
+# ----------------------------------------------------------------------------- reading and ranking
+
+
+def read_leaderboard(csv_path) -> pd.DataFrame:
+    """All rows as stored (text cells keep their protective quote); numeric columns as numbers."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise InputError(csv_path, "leaderboard not found; submit a run first")
+    try:
+        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(csv_path, f"cannot be read as CSV ({err})") from None
+    _column_positions(list(df.columns), csv_path)
+    df = df.reindex(columns=COLUMNS, fill_value="")
+    for column in NUMERIC_COLUMNS:
+        try:
+            df[column] = pd.to_numeric(df[column].replace("", np.nan))
+        except ValueError as err:
+            raise InputError(csv_path, f"column {column}: {err}") from None
+    return df
