@@ -5,15 +5,18 @@ whole tumour (label > 0) as positives; the Dice threshold is chosen on validatio
 applied to test subjects (the honest number); the best Dice over thresholds on test is reported
 too, labelled as the oracle. Binary masks at the chosen threshold are written beside the maps.
 Beside the pixel numbers: subject-level detection AUROC, false-positive volume (ml) on healthy test
-subjects at the validation threshold, and reconstruction quality pooled from the ``recon`` records
-the score stage leaves in index.json (None for an index written before it did).
+subjects at the validation threshold, per-lesion figures at that threshold (detection rate by lesion
+size, false-positive lesions per subject: :mod:`pipeline.evaluation.lesions`), and reconstruction
+quality pooled from the ``recon`` records the score stage leaves in index.json (None for an index
+written before it did).
 
 Memory. 484 BraTS subjects at 1 mm do not fit as volumes, so subjects are read one at a time:
 validation first (it fixes the threshold), then test. What stays of a subject is its brain voxels
 in a :class:`~pipeline.evaluation.pooled.ScoreAccumulator` (5 B/voxel) and a :class:`SubjectSummary`;
-per-volume outputs (masks here, the leaderboard's maps hash) are made by a visitor while the
-subject is in memory. Peak: one subject's volumes plus the pooled brain voxels of one section
-(benchmarks/bench_evaluate.py).
+per-volume outputs (masks here, the leaderboard's maps hash) and test lesion counts are made
+while the subject is in memory. Peak: one subject's volumes plus the pooled brain voxels of one
+section (benchmarks/bench_evaluate.py); validation also keeps a 1-bit brain mask per subject, to
+count lesions once its threshold is chosen.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pipeline.atomic import atomic_dir, write_json
 from pipeline.common import BASELINE, confined_path, save_nifti
 from pipeline.data.dataset import has_hidden_label, load_subjects
 from pipeline.errors import InputError
+from pipeline.evaluation.lesions import LesionCounter, csv_columns
 from pipeline.evaluation.metrics import auroc
 from pipeline.evaluation.pooled import ScoreAccumulator
 from pipeline.evaluation.report import write_report
@@ -194,8 +198,9 @@ class _Sources:
 
 @dataclass
 class _Section:
-    """One section's evaluation state: pooled brain voxels, per-subject summaries, slice scores."""
+    """One section's evaluation state: pooled brain voxels, per-subject summaries, slice scores, lesions."""
 
+    lesions: LesionCounter = field(default_factory=LesionCounter)
     voxels: ScoreAccumulator = field(default_factory=ScoreAccumulator)
     subjects: dict[str, SubjectSummary] = field(default_factory=dict)
     slice_scores: list[np.ndarray] = field(default_factory=list)
@@ -207,14 +212,17 @@ class _Section:
         self.subjects[name] = SubjectSummary(tumour_voxels=int(data["tumour"].sum()),
                                              score=subject_score(data["score"], data["brain"]),
                                              voxel_ml=voxel_volume_ml(data["affine"]))
+        self.lesions.add(name, data, self.subjects[name].voxel_ml)
         if with_slices:
             self.slice_scores.append(slice_scores(data["score"], data["brain"]))
             self.slice_labels.append(slice_labels(data["tumour"]))
 
 
-def _stream(src: _Sources, section: str, visit: Callable[[str, dict], None] | None = None) -> _Section:
-    """Read one section a subject at a time: peak memory is one subject's volumes plus the pooled voxels."""
-    out = _Section()
+def _stream(src: _Sources, section: str, visit: Callable[[str, dict], None] | None = None,
+            threshold: float | None = None) -> _Section:
+    """Read one section a subject at a time: peak memory is one subject's volumes plus the pooled voxels.
+    With ``threshold`` (test) lesions are counted as each subject is read."""
+    out = _Section(LesionCounter(threshold))
     names = _section_names(src.index, src.scores_dir, section)
     for name in tqdm(names, desc=f"evaluate {section}", unit="subject", disable=not src.progress):
         if name not in src.by_subject:
@@ -256,10 +264,11 @@ def compute_metrics(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLik
         return Evaluation(_validation_only_metrics(src, val, name), val.voxels, val.subjects)
     best, threshold = val.voxels.best_dice()
     validation = {"subjects": len(val.voxels), "best_dice": best, "threshold": threshold,
+                  "lesions": val.lesions.pooled(threshold, val.voxels, _healthy(val)),
                   "reconstruction": _reconstruction(src.index, src.scores_dir, "validation")}
     del val  # validation voxels are done with: test streams alone
     visit = None if on_test_subject is None else (lambda subject, data: on_test_subject(subject, data, threshold))
-    test = _stream(src, "test", visit)
+    test = _stream(src, "test", visit, threshold)
     metrics = {
         "method": name, "settings": src.index.get("settings", {}),
         "test": _test_metrics(src, test, threshold, n_boot, seed), "validation": validation,
@@ -310,16 +319,22 @@ def _validation_only_metrics(src: _Sources, val: _Section, method: str) -> dict:
     }
 
 
+def _healthy(section: _Section) -> list[str]:
+    return [name for name, s in section.subjects.items() if s.tumour_voxels == 0]
+
+
 def _subject_level(section: _Section, threshold: float) -> dict:
-    """Per-patient figures pooled pixel AUROC hides: detection of tumour subjects, false alarms on healthy ones."""
+    """Per-patient figures pooled pixel AUROC hides: detection of tumour subjects, false alarms on healthy
+    ones, and per lesion: detection by size, false-positive lesions."""
     has_tumour = {name: s.tumour_voxels > 0 for name, s in section.subjects.items()}
     flagged = section.voxels.flagged_voxels(threshold)
-    fp_ml = {name: flagged[name] * s.voxel_ml for name, s in section.subjects.items() if not has_tumour[name]}
+    fp_ml = {name: flagged[name] * section.subjects[name].voxel_ml for name in _healthy(section)}
     return {"subject_auroc": subject_detection_auroc({n: s.score for n, s in section.subjects.items()}, has_tumour),
             "subject_score_percentile": SUBJECT_SCORE_PERCENTILE,
             "healthy_subjects": len(fp_ml), "tumour_subjects": len(section.subjects) - len(fp_ml),
             "false_positive_ml_healthy": float(np.mean(list(fp_ml.values()))) if fp_ml else None,
-            "false_positive_ml_per_healthy_subject": fp_ml}
+            "false_positive_ml_per_healthy_subject": fp_ml,
+            "lesions": section.lesions.pooled(threshold, section.voxels, list(fp_ml))}
 
 
 def _reconstruction(index: dict, scores_dir: Path, section: str) -> dict:
@@ -359,11 +374,10 @@ def evaluate_scores(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLik
 def _write_tables(folder: Path, result: Evaluation, scores_dir: Path) -> None:
     """``per_subject.csv`` and ``report.png`` of a run with test subjects."""
     test = result.metrics["test"]
-    per_subject = test["per_subject_dice"]
     tumour_voxels = {name: s.tumour_voxels for name, s in result.subjects.items()}
-    pd.DataFrame({"subject": list(per_subject), "dice": list(per_subject.values()),
-                  "tumour_voxels": [tumour_voxels[s] for s in per_subject]}
-                 ).to_csv(folder / "per_subject.csv", index=False)
+    lesions = test["lesions"]["per_subject"]
+    pd.DataFrame([{"subject": s, "dice": dice, "tumour_voxels": tumour_voxels[s], **csv_columns(lesions[s])}
+                  for s, dice in test["per_subject_dice"].items()]).to_csv(folder / "per_subject.csv", index=False)
     write_report(folder / "report.png", scores_dir, read_index(scores_dir), tumour_voxels, result.voxels,
                  test["dice_threshold_from_validation"], result.metrics)
 

@@ -110,7 +110,8 @@ def _summary_text(metrics: dict) -> str:
              f"Dice*  {t['dice_oracle']:.3f}  (oracle, test-tuned)"]
     if t.get("slice_auroc") is not None:
         lines.append(f"slice AUROC {t['slice_auroc']:.3f}")
-    return "\n".join(lines + _subject_lines(t) + _recon_lines(metrics["validation"].get("reconstruction") or {}))
+    return "\n".join(lines + _subject_lines(t) + _lesion_lines(t.get("lesions"))
+                     + _recon_lines(metrics["validation"].get("reconstruction") or {}))
 
 
 def _num(value, spec: str) -> str:
@@ -125,6 +126,27 @@ def _subject_lines(t: dict) -> list[str]:
     return [f"subject AUROC {_num(t['subject_auroc'], '.3f')} (p{t['subject_score_percentile']:g})",
             f"  {t['healthy_subjects']} healthy / {t['tumour_subjects']} tumour",
             f"FP healthy {_num(t['false_positive_ml_healthy'], '.2f')} ml/subject"]
+
+
+def _bin_label(edges) -> str:
+    """``<1ml``, ``1-10ml``, ``>=10ml`` from a bin's [lower, upper) edges in ml."""
+    low, high = edges
+    return f"<{high:g}ml" if not low else f">={low:g}ml" if high is None else f"{low:g}-{high:g}ml"
+
+
+def _lesion_lines(lesions: dict | None) -> list[str]:
+    """Lesions found per size bin and false-positive lesions: a map that finds only big tumours shows here."""
+    if not lesions:
+        return []
+    found, total, rate = lesions["detected"], lesions["lesions"], lesions["detection_rate"]
+    edges = sorted(lesions["size_bins_ml"].items(), key=lambda item: item[1][0])  # JSON may have sorted the keys
+    bins = [f"{_bin_label(bounds)} {found[b]}/{total[b]}" for b, bounds in edges]
+    healthy = lesions["healthy"]["false_positive_lesions_per_subject"]
+    share = "" if rate["all"] is None else f" ({100 * rate['all']:.0f}%)"
+    return [f"lesions found {found['all']}/{total['all']}{share}",
+            *("  " + "  ".join(bins[i:i + 2]) for i in range(0, len(bins), 2)),  # two bins a line: the panel is narrow
+            f"FP lesions {_num(lesions['false_positive_lesions_per_subject'], '.2f')}/subject",
+            f"  healthy {_num(healthy, '.2f')}/subject"]
 
 
 def _recon_lines(recon: dict) -> list[str]:

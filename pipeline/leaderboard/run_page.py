@@ -98,6 +98,44 @@ def _subjects_table(subjects: dict, files: dict, fp_ml: dict, page_dir: Path) ->
     return html_table(headers, rows) if rows else "<p class=muted>No per-subject values were stored for this entry.</p>"
 
 
+def _bin_range(edges) -> str:
+    """``< 1 ml``, ``1-10 ml``, ``>= 10 ml`` from a size bin's [lower, upper) edges; "" if they are not numbers."""
+    if not isinstance(edges, list) or len(edges) != 2 or not is_real(edges[0]):
+        return ""
+    low, high = edges
+    if high is None:
+        return f"&ge; {esc(format(low, 'g'))} ml"
+    if not is_real(high):
+        return ""
+    return f"&lt; {esc(format(high, 'g'))} ml" if low == 0 else f"{esc(format(low, 'g'))}-{esc(format(high, 'g'))} ml"
+
+
+def _lesions_html(test) -> str:
+    """Per-lesion detection by size and false-positive lesions, from the run's own metrics.json (every
+    value checked and escaped: the file is the participant's); a note where it has none (older runs)."""
+    lesions = test.get("lesions") if isinstance(test, dict) else None
+    if not isinstance(lesions, dict):
+        return "<p class=muted>No per-lesion figures in this run's evaluation (evaluated before they existed).</p>"
+    total, found, rate = (_numbers(lesions.get(k)) for k in ("lesions", "detected", "detection_rate"))
+    bins = lesions.get("size_bins_ml") if isinstance(lesions.get("size_bins_ml"), dict) else {}
+    sized = [name for name in total if _bin_range(bins.get(name))]  # smallest first: metrics.json sorts keys
+    order = sorted(sized, key=lambda name: bins[name][0]) + [name for name in total if name not in sized]
+    rows = [f"<tr><td class=t>{esc(name)}</td><td class=t>{_bin_range(bins.get(name))}</td>"
+            f"<td>{num(total[name], '.0f')}</td><td>{num(found.get(name), '.0f')}</td><td>{num(rate.get(name))}</td>"
+            "</tr>" for name in order]
+    heads = "".join(f'<th class="{c}">{esc(h)}</th>' for h, c in (("size bin", "t"), ("volume", "t"), ("lesions", ""),
+                                                                  ("detected", ""), ("detection rate", "")))
+    healthy = lesions.get("healthy") if isinstance(lesions.get("healthy"), dict) else {}
+    criterion = lesions.get("criterion")
+    return "\n".join([
+        f"<table><thead><tr>{heads}</tr></thead><tbody>{''.join(rows)}</tbody></table>",
+        facts([("false-positive lesions per test subject",
+                num(_numbers(lesions).get("false_positive_lesions_per_subject"), ".2f")),
+               ("false-positive lesions per healthy test subject",
+                num(_numbers(healthy).get("false_positive_lesions_per_subject"), ".2f"))]),
+        f'<p class="muted small">{esc(criterion)}.</p>' if isinstance(criterion, str) else ""])
+
+
 def _json_table(mapping: dict) -> str:
     """Key / value rows; values as compact JSON, all escaped."""
     mapping = mapping if isinstance(mapping, dict) else {}
@@ -168,6 +206,7 @@ def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | No
             "<h2>Report</h2>",
             f'<img class="report" src="{esc(figure)}" alt="report figure">' if figure
             else "<p class=muted>No report figure found in the run folder.</p>",
+            "<h2>Per lesion (test, at the validation threshold; the run's own evaluation)</h2>", _lesions_html(test),
             "<h2>Per test subject</h2>",
             '<p class="muted small">Dice at the validation threshold, AUROC / AUPRC over the subject\'s brain voxels '
             "(blank where undefined); FP ml: false-positive volume of a healthy subject, from the run's own "
