@@ -206,9 +206,14 @@ def ensure_dataset(protocol: dict, progress: bool = True) -> Path:
         if synthetic is None:
             raise InputError(task_dir, "dataset not found and the protocol gives no 'synthetic' settings")
         from pipeline.data.synth import generate_dataset
+        from pipeline.data.variety import Variety, load_settings
 
+        variety = load_settings(synthetic["variety"], f"{protocol['path']}: dataset.synthetic.variety") \
+            if "variety" in synthetic else None
         generate_dataset(root, n_healthy=synthetic.get("healthy", 8), n_tumour=synthetic.get("tumour", 16),
-                         seed=synthetic.get("seed", 0), spacing=synthetic.get("spacing", 2.0), progress=progress)
+                         seed=synthetic.get("seed", 0), spacing=synthetic.get("spacing", 2.0), progress=progress,
+                         variety=variety if isinstance(variety, Variety) else None,
+                         domains=None if variety is None or isinstance(variety, Variety) else variety)
     return root
 
 
@@ -239,6 +244,8 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
     split = protocol.get("split", {})
     shared = {"dataset_dir": str(dataset_root), "split_file": str(results / "split.json"),
               "cache_dir": str(results / "cache"), "split_seed": split.get("seed", 0), "progress": progress}
+    if split.get("train_domains") and not Path(shared["split_file"]).is_file():
+        write_json(shared["split_file"], canonical_split(protocol))  # the workflows reuse a split file they find
     train = entry_train_settings(protocol, entry)
     train_workflow, inference_workflow = entry_workflows(entry)
     model_dir = model_folder(results, entry, train)
@@ -335,7 +342,8 @@ def canonical_split(protocol: dict) -> dict:
     afresh: what a leaderboard binds to, never a split file found in a results folder."""
     from pipeline.data.dataset import dataset_split  # a hidden-label dataset's listed test subjects stay the test
 
-    return dataset_split(protocol["dataset"]["dir"], seed=protocol.get("split", {}).get("seed", 0))
+    split = protocol.get("split", {})
+    return dataset_split(protocol["dataset"]["dir"], seed=split.get("seed", 0), train_domains=split.get("train_domains"))
 
 
 def protocol_for_submission(protocol: dict) -> dict:

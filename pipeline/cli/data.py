@@ -5,13 +5,37 @@ from __future__ import annotations
 from pipeline.cli.args import add_command, non_negative_int
 
 
+def _variety_settings(value: str):
+    """``--variety``: a preset name, or a YAML file of settings (or of ``domains``) -> Variety or list of Domain."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.data.variety import PRESETS, load_settings
+    from pipeline.errors import InputError
+
+    if value in PRESETS:
+        return PRESETS[value]
+    path = Path(value)
+    if not path.is_file():
+        raise InputError("--variety", f"{value!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise InputError(path, f"unreadable variety settings ({str(err).splitlines()[0]})") from None
+    return load_settings({} if content is None else content, path)
+
+
 def _cmd_synth(args) -> None:
     from pipeline.data.synth import HiddenTest, generate_dataset
 
+    settings = _variety_settings(args.variety) if args.variety else None
+    many = isinstance(settings, list)
     task_dir = generate_dataset(args.out, n_healthy=args.healthy, n_tumour=args.tumour, seed=args.seed,
                                 spacing=args.spacing, workers=args.workers, progress=not args.quiet,
                                 hidden_test=HiddenTest(args.hidden_test_labels, args.test_fraction)
-                                if args.hidden_test_labels else None)
+                                if args.hidden_test_labels else None,
+                                variety=None if many else settings, domains=settings if many else None)
     hidden = f"; hidden test labels in {args.hidden_test_labels}" if args.hidden_test_labels else ""
     print(f"wrote {task_dir}{hidden}")
 
@@ -43,6 +67,9 @@ def add_data_commands(sub) -> None:
                         "labels; their labels go to GT_DIR/labelsTs (keep GT_DIR and the seed to yourself)")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of healthy and of tumour subjects held out with --hidden-test-labels (default 0.2)")
+    p.add_argument("--variety", metavar="PRESET_OR_YAML", default=None,
+                   help="variety settings (docs/generator.md): a preset, 'none' (the default data) or 'mixed' "
+                        "(every axis), or a YAML file of settings or of 'domains' (default: none)")
 
     p = add_command(sub, "prepare", _cmd_prepare, "patient-level split + healthy-slice cache (what training reads)")
     p.add_argument("--dataset-dir", required=True, help="folder holding Task01_BrainTumour (or that folder)")

@@ -10,4 +10,5 @@ __all__, __getattr__, __dir__ = lazy_exports(
     transforms="preprocess_transforms",
     slice_cache="SliceDataset LabelledSliceDataset",
     synth="generate_dataset HiddenTest",
+    variety="Variety Domain PRESETS load_settings",
 )

@@ -18,7 +18,7 @@ from typing import Sequence
 from monai.apps import DecathlonDataset
 
 from pipeline.common import TASK, confined_path, read_json
-from pipeline.data.split import load_or_make_split, make_split
+from pipeline.data.split import domain_split, load_or_make_split, make_split
 from pipeline.errors import InputError
 from pipeline.layout import HIDDEN_TEST_KEY
 
@@ -242,9 +242,20 @@ def dataset_fingerprint(dataset_dir: str | os.PathLike) -> str:
 # the dataset's split
 
 
-def dataset_split(dataset_dir: str | os.PathLike, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict:
-    """The split a dataset gets from a seed: its listed test subjects, if hidden-label, stay the test section."""
-    subjects, test = split_subjects(load_subjects(dataset_dir).data)
+def dataset_split(dataset_dir: str | os.PathLike, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
+                  train_domains: Sequence[str] | None = None) -> dict:
+    """The split a dataset gets from a seed: its listed test subjects, if hidden-label, stay the test section.
+
+    ``train_domains`` makes it a shift split (:func:`pipeline.data.split.domain_split`): only subjects whose
+    dataset.json entry names one of these domains train; validation and test come from the others.
+    """
+    items = load_subjects(dataset_dir).data
+    if train_domains:
+        if any(has_hidden_label(item) for item in items):
+            raise InputError("split.train_domains", "a hidden-label dataset fixes its own test section; "
+                                                    "a domain split cannot be combined with it")
+        return domain_split({item["subject"]: item.get("domain") for item in items}, train_domains, fractions, seed)
+    subjects, test = split_subjects(items)
     return make_split(subjects, fractions, seed, test)
 
 

@@ -4,8 +4,10 @@ Anatomy comes from the ICBM152 2009 template that ships inside nilearn's wheel (
 has to work offline), warped by a random affine and a smooth elastic field; tumours grow by
 Fisher-Kolmogorov reaction-diffusion from a white-matter seed; intensities follow the contrast table
 of docs/design.md (``CONTRAST``) with contrast jitter, a bias field and Rician noise. A subject
-depends only on ``(seed, index, spacing)``, so :mod:`pipeline.data.synth` can spread subjects over
-worker processes and still write the same bytes.
+depends only on ``(seed, index, spacing, variety)``, so :mod:`pipeline.data.synth` can spread subjects
+over worker processes and still write the same bytes. The variety settings
+(:mod:`pipeline.data.variety`: several, irregular, differently enhancing lesions, mass effect, other
+warps and scanners) draw from streams of their own; at their defaults the bytes are the default's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -22,6 +24,10 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 from threadpoolctl import threadpool_limits
+
+from pipeline.data.acquisition import acquire, bias_field, block_mean, lerp_matrix, render_scales, separable
+from pipeline.data.variety import (Lesion, Plan, Variety, draw_plan, fisher_kolmogorov, harmonic_faces, mass_effect,
+                                   seeds_apart)
 
 MODALITIES = ("FLAIR", "T1w", "t1gd", "T2w")
 
@@ -46,7 +52,6 @@ ELASTIC_MM = 3.0  # peak elastic displacement
 ELASTIC_GRID_MM = 8.0  # control-point spacing of the elastic field
 ELASTIC_SMOOTH_MM = 16.0  # gaussian smoothing of the control-point noise
 CONTRAST_JITTER = 0.06
-BIAS = 0.12  # peak deviation of the multiplicative bias field
 NOISE_RANGE = (0.02, 0.04)  # Rician sigma as a fraction of the white-matter level, per subject
 
 SIM_MM = 2.0  # tumour growth is simulated on a grid of about this spacing
@@ -54,10 +59,10 @@ GREY_SLOWDOWN = 10.0  # D_white / D_grey
 FRONT_MM = (2.0, 3.0)  # sqrt(D_white / rho): sets the width of edema and rim
 TUMOUR_FRACTION = (0.02, 0.08)  # whole-tumour volume as a fraction of the brain volume
 CORE_SHARE = 0.12  # growth goes on until the core (u > CORE_LEVEL) is at least this share of it
-MAX_GROWTH_TIME = 80.0  # in units of 1 / rho; a safety stop, never reached in practice
 SEED_DEPTH_MM = 20.0  # seeds lie at least this far inside the brain
 SEED_SIGMA_MM = 3.0
 EDEMA_LEVEL, RIM_LEVEL, CORE_LEVEL = 0.1, 0.5, 0.8  # density thresholds, outer to inner
+SMALL_REFERENCE = 0.04  # a lesion under TUMOUR_FRACTION[0] shrinks its front by (fraction / this) ** (1/3)
 
 
 @dataclass(frozen=True)
@@ -161,26 +166,8 @@ def _place_brain(rng, linear, points, half_extent, margin):
     return linear * shrink, shift, lo + shift, hi + shift
 
 
-def _lerp_matrix(positions: np.ndarray, n: int) -> np.ndarray:
-    """Matrix whose rows linearly interpolate ``n`` samples at fractional ``positions`` (clamped)."""
-    x = np.clip(positions, 0, n - 1)
-    left = np.minimum(np.floor(x).astype(int), n - 2)
-    weight = (x - left).astype(np.float32)
-    rows = np.arange(len(x))
-    out = np.zeros((len(x), n), np.float32)
-    out[rows, left] = 1 - weight
-    out[rows, left + 1] = weight
-    return out
-
-
-def _separable(coeffs: np.ndarray, matrices) -> np.ndarray:
-    """Expand a coarse (..., a, b, c) tensor with one matrix per spatial axis: a cheap smooth zoom."""
-    mx, my, mz = matrices
-    return np.einsum("...abc,xa,yb,zc->...xyz", coeffs, mx, my, mz, optimize=True)
-
-
-def _elastic_field(rng, world_axes) -> np.ndarray:
-    """Smooth random displacement (3, X, Y, Z) in mm with peak ``ELASTIC_MM``.
+def _elastic_field(rng, world_axes, peak: float = ELASTIC_MM) -> np.ndarray:
+    """Smooth random displacement (3, X, Y, Z) in mm with peak ``peak``.
 
     Drawn on a coarse control grid, smoothed there and zoomed up separably: far cheaper than
     smoothing noise at full resolution.
@@ -190,9 +177,9 @@ def _elastic_field(rng, world_axes) -> np.ndarray:
     coarse = rng.standard_normal((3, *counts))
     sigma = ELASTIC_SMOOTH_MM / ELASTIC_GRID_MM
     coarse = ndimage.gaussian_filter(coarse, sigma=(0, sigma, sigma, sigma), mode="nearest")
-    coarse *= ELASTIC_MM / np.sqrt((coarse**2).sum(0)).max()
-    mats = [_lerp_matrix((axis - s) / ELASTIC_GRID_MM, n) for axis, s, n in zip(world_axes, starts, counts)]
-    return _separable(coarse.astype(np.float32), mats)
+    coarse *= peak / np.sqrt((coarse**2).sum(0)).max()
+    mats = [lerp_matrix((axis - s) / ELASTIC_GRID_MM, n) for axis, s, n in zip(world_axes, starts, counts)]
+    return separable(coarse.astype(np.float32), mats)
 
 
 def _brain_candidates(tmpl: _Template, coords: np.ndarray, spacing: float) -> np.ndarray:
@@ -213,23 +200,26 @@ def _brain_candidates(tmpl: _Template, coords: np.ndarray, spacing: float) -> np
     return coarse[: shape[0], : shape[1], : shape[2]]
 
 
-def _subject_rngs(seed: int, index: int) -> list[np.random.Generator]:
-    """Independent streams for anatomy, tumour and rendering of one subject."""
-    return [np.random.default_rng(s) for s in np.random.SeedSequence([seed, index]).spawn(3)]
+def _subject_streams(seed: int, index: int) -> list[np.random.SeedSequence]:
+    """Independent streams of one subject: anatomy, tumour, rendering (as always), lesion variety, acquisition."""
+    return np.random.SeedSequence([seed, index]).spawn(5)  # children 0-2 are those spawn(3) gave
 
 
 def subject_anatomy(index: int, seed: int, spacing: float) -> Anatomy:
     """Warp the template into subject ``index``: random affine + elastic field, one resampling."""
-    return _warp(_subject_rngs(seed, index)[0], spacing)
+    return _warp(np.random.default_rng(_subject_streams(seed, index)[0]), spacing)
 
 
-def _warp(rng, spacing: float) -> Anatomy:
-    """Resample template tissue maps through canvas -> subject warp -> template voxel coordinates."""
+def _warp(rng, spacing: float, deformation: float = 1.0) -> Anatomy:
+    """Resample template tissue maps through canvas -> subject warp -> template voxel coordinates.
+
+    ``deformation`` multiplies the rotation, scaling and elastic ranges (1.0 leaves every value as is)."""
     tmpl = _template()
     shape, affine = _canvas(spacing)
-    angles = np.deg2rad(rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3))
-    scales = 1 + rng.uniform(-MAX_SCALE, MAX_SCALE, 3)
-    margin = ELASTIC_MM * (1 + MAX_SCALE) + spacing
+    rotation, scaling, elastic = MAX_ROTATION_DEG * deformation, MAX_SCALE * deformation, ELASTIC_MM * deformation
+    angles = np.deg2rad(rng.uniform(-rotation, rotation, 3))
+    scales = 1 + rng.uniform(-scaling, scaling, 3)
+    margin = elastic * (1 + scaling) + spacing
     half = spacing * np.array(shape) / 2
     linear, shift, lo, hi = _place_brain(rng, _rotation(angles) @ np.diag(scales), tmpl.points, half, margin)
 
@@ -242,7 +232,7 @@ def _warp(rng, spacing: float) -> Anatomy:
     inv = np.linalg.inv(linear)
     to_tmpl = tmpl.to_voxel[:3, :3] @ inv
     offset = tmpl.to_voxel[:3, :3] @ (tmpl.centre - inv @ shift) + tmpl.to_voxel[:3, 3]
-    coords = _elastic_field(rng, world_axes)  # the template is 1 mm, so mm == voxels
+    coords = _elastic_field(rng, world_axes, elastic)  # the template is 1 mm, so mm == voxels
     grids = np.meshgrid(*world_axes, indexing="ij", sparse=True)
     for c in range(3):
         coords[c] += sum(to_tmpl[c, a] * grids[a] for a in range(3)) + offset[c]
@@ -259,111 +249,108 @@ def _warp(rng, spacing: float) -> Anatomy:
     return Anatomy(shape, affine, roi, tissue.reshape(3, *coords.shape[1:]), index)
 
 
-def _block_mean(volume: np.ndarray, k: int) -> np.ndarray:
-    """Average ``k``^3 blocks (zero-padded at the far edges)."""
-    if k == 1:
-        return volume
-    pad = [(0, -n % k) for n in volume.shape]
-    v = np.pad(volume, pad)
-    x, y, z = (n // k for n in v.shape)
-    return v.reshape(x, k, y, k, z, k).mean(axis=(1, 3, 5))
-
-
-def _harmonic_faces(diffusivity: np.ndarray) -> list[np.ndarray]:
-    """Face diffusivity per axis; harmonic, so no flux crosses into CSF or background (D = 0)."""
-    faces = []
-    for axis in range(3):
-        a = np.take(diffusivity, range(diffusivity.shape[axis] - 1), axis=axis)
-        b = np.take(diffusivity, range(1, diffusivity.shape[axis]), axis=axis)
-        total = a + b
-        faces.append(np.divide(2 * a * b, total, out=np.zeros_like(total), where=total > 0))
-    return faces
-
-
-def _fisher_kolmogorov(u: np.ndarray, faces, dt: float, stop) -> np.ndarray:
-    """Explicit Euler for du/dt = div(D grad u) + u (1 - u) (time in units of 1/rho) until ``stop(u)``.
-
-    ``faces`` already hold D * dt / h^2 per face.
-    """
-    lows = [tuple(slice(0, -1) if a == axis else slice(None) for a in range(3)) for axis in range(3)]
-    highs = [tuple(slice(1, None) if a == axis else slice(None) for a in range(3)) for axis in range(3)]
-    for _ in range(int(MAX_GROWTH_TIME / dt)):
-        change = u * (1 - u) * dt
-        for axis, face in enumerate(faces):
-            flux = np.diff(u, axis=axis)
-            flux *= face
-            change[lows[axis]] += flux
-            change[highs[axis]] -= flux
-        u += change
-        if stop(u):
-            break
-    return u
-
-
 def _grown(u: np.ndarray, target: float) -> bool:
     """Stop once the whole tumour reaches its target size and has a real core, not just a front."""
     whole = np.count_nonzero(u > EDEMA_LEVEL)
     return whole >= target and np.count_nonzero(u > CORE_LEVEL) >= CORE_SHARE * whole
 
 
-def _pick_seed(rng, wm: np.ndarray, brain: np.ndarray, h: float) -> tuple:
-    """A white-matter voxel well inside the brain, so the tumour has room to grow."""
-    depth = ndimage.distance_transform_edt(brain, sampling=h)
-    white = wm > 0.5
-    wanted = white & (depth >= min(SEED_DEPTH_MM, 0.6 * depth[white].max()))
-    options = np.argwhere(wanted)
-    return tuple(options[rng.integers(len(options))])
+@dataclass(frozen=True)
+class _SimGrid:
+    """The tumour simulation grid: block means of ``k``^3 roi voxels, ``h`` mm apart."""
+
+    k: int
+    h: float
+    brain: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    seeds: np.ndarray  # white matter well inside the brain, where a tumour has room to grow
 
 
-def _tumour_density(rng, anatomy: Anatomy, spacing: float) -> np.ndarray:
-    """Grow a tumour on a ~2 mm grid and return its density on the roi grid."""
-    front = rng.uniform(*FRONT_MM)
-    fraction = rng.uniform(*TUMOUR_FRACTION)
+def _sim_grid(anatomy: Anatomy, spacing: float) -> _SimGrid:
+    """Tumours grow on a ~SIM_MM grid: fine enough for the front, coarse enough to be fast."""
     k = max(1, int(round(SIM_MM / spacing)))
-    h = k * spacing
-    brain = _block_mean(anatomy.brain.astype(np.float32), k) > 0.5
-    gm, wm = (_block_mean(t, k) * brain for t in anatomy.tissue[1:])
-    seed = _pick_seed(rng, wm, brain, h)
+    brain = block_mean(anatomy.brain.astype(np.float32), k) > 0.5
+    gm, wm = (block_mean(t, k) * brain for t in anatomy.tissue[1:])
+    depth = ndimage.distance_transform_edt(brain, sampling=k * spacing)
+    white = wm > 0.5
+    seeds = white & (depth >= min(SEED_DEPTH_MM, 0.6 * depth[white].max()))
+    return _SimGrid(k, k * spacing, brain, gm, wm, seeds)
 
-    diffusivity = front**2 * (wm + gm / GREY_SLOWDOWN)
+
+def _pick_seed(rng, grid: _SimGrid, avoid: tuple | None = None) -> tuple | None:
+    """A seed voxel; ``avoid`` = (earlier lesions' mask, radius mm) keeps a later lesion apart from them."""
+    options = np.argwhere(grid.seeds if avoid is None else seeds_apart(grid.seeds, *avoid, grid.h))
+    return tuple(options[rng.integers(len(options))]) if len(options) else None
+
+
+def _grow(rng, grid: _SimGrid, anatomy: Anatomy, spacing: float, lesion: Lesion, blocked: np.ndarray):
+    """Grow one tumour from a white-matter seed; its density on the simulation grid (None: no room left).
+    The first lesion of the default settings draws and computes exactly what the generator always did."""
+    front = rng.uniform(*FRONT_MM)
+    fraction = rng.uniform(*lesion.fraction_range)
+    h, sigma = grid.h, SEED_SIGMA_MM
+    if fraction < TUMOUR_FRACTION[0]:  # small: a real core has to form at a smaller size
+        shrink = (fraction / SMALL_REFERENCE) ** (1 / 3)
+        front, sigma = front * shrink, sigma * shrink
+    radius = (3 * fraction * anatomy.index.size * spacing**3 / (4 * math.pi)) ** (1 / 3)
+    seed = _pick_seed(rng, grid, (blocked, radius) if lesion.number else None)
+    if seed is None:
+        return None
+    diffusivity, field = lesion.diffusivity(front**2 * (grid.wm + grid.gm / GREY_SLOWDOWN), h, blocked)
     dt = min(0.9 * h**2 / (6 * front**2), 0.2)
-    faces = [f * (dt / h**2) for f in _harmonic_faces(diffusivity)]
-    grid = np.meshgrid(*[h * (np.arange(n) - s) for n, s in zip(brain.shape, seed)], indexing="ij", sparse=True)
-    u = (np.exp(-sum(g**2 for g in grid) / (2 * SEED_SIGMA_MM**2)) * (diffusivity > 0)).astype(np.float32)
-
+    faces = [f * (dt / h**2) for f in harmonic_faces(diffusivity)]
+    axes = np.meshgrid(*[h * (np.arange(n) - s) for n, s in zip(grid.brain.shape, seed)], indexing="ij", sparse=True)
+    u = (np.exp(-sum(g**2 for g in axes) / (2 * sigma**2)) * (diffusivity > 0)).astype(np.float32)
     target = fraction * anatomy.index.size / h**3 * spacing**3  # whole tumour, in sim voxels
-    u = _fisher_kolmogorov(u, faces, dt, functools.partial(_grown, target=target))
-    roi_shape = anatomy.tissue.shape[1:]
-    mats = [_lerp_matrix((np.arange(n) + 0.5) / k - 0.5, m) for n, m in zip(roi_shape, u.shape)]
-    return _separable(u, mats)
+    rate = None if field is None else (dt * field).astype(np.float32)
+    return fisher_kolmogorov(u, faces, dt, functools.partial(_grown, target=target), rate)
 
 
-def _tumour_labels(density: np.ndarray, brain: np.ndarray) -> np.ndarray:
-    """Threshold density into MSD labels: edema outside, enhancing rim, non-enhancing core inside."""
+def _tumour_labels(density: np.ndarray, brain: np.ndarray, pattern: str = "ring", edema: float = EDEMA_LEVEL):
+    """Threshold density into MSD labels: edema outside, then by ``pattern`` "ring" an enhancing rim
+    around a non-enhancing core, "solid" enhancing throughout, "none" non-enhancing throughout."""
     label = np.zeros(density.shape, np.uint8)
-    label[density > EDEMA_LEVEL] = 1
-    label[density > RIM_LEVEL] = 3
-    label[density > CORE_LEVEL] = 2
+    label[density > edema] = 1
+    label[density > RIM_LEVEL] = 2 if pattern == "none" else 3
+    if pattern == "ring":
+        label[density > CORE_LEVEL] = 2
     label[~brain] = 0
     return label
 
 
-def _bias_field(rng, shape) -> np.ndarray:
-    """Multiplicative, low-frequency field (4, X, Y, Z), one per channel, peak deviation ``BIAS``.
+def _tumour(rng, anatomy: Anatomy, spacing: float, plan: Plan) -> tuple[Anatomy, np.ndarray, list]:
+    """Grow and label the planned lesions apart from each other: (anatomy, label, one record per lesion).
 
-    Cosine basis up to 2 half-periods per axis, like SPM's bias model.
-    """
-    coeffs = rng.standard_normal((len(MODALITIES), 3, 3, 3)).astype(np.float32)
-    coeffs[:, 0, 0, 0] = 0  # the constant term is a global gain, already covered by contrast jitter
-    mats = [np.cos(np.pi * np.outer((np.arange(n) + 0.5) / n, np.arange(3))).astype(np.float32) for n in shape]
-    field = _separable(coeffs, mats)
-    field *= BIAS / np.abs(field).max(axis=(1, 2, 3), keepdims=True)
-    field += 1
-    return field
+    A lesion with mass effect pushes the healthy tissue around it outward (the anatomy's tissue maps)."""
+    grid, brain = _sim_grid(anatomy, spacing), anatomy.brain
+    label, blocked = np.zeros(brain.shape, np.uint8), np.zeros(grid.brain.shape, bool)
+    records, masses = [], []
+    for lesion in plan.lesions:
+        u = _grow(lesion.growth_rng(rng), grid, anatomy, spacing, lesion, blocked)
+        if u is None:
+            continue  # no white matter left far enough from the earlier lesions
+        edema = lesion.edema_level(EDEMA_LEVEL, RIM_LEVEL)
+        if lesion.number + 1 < len(plan.lesions):
+            blocked |= ndimage.binary_dilation(u > min(edema, EDEMA_LEVEL), np.ones((3, 3, 3), bool), iterations=2)
+        density = separable(u, [lerp_matrix((np.arange(n) + 0.5) / grid.k - 0.5, m)
+                                for n, m in zip(brain.shape, u.shape)])
+        own = _tumour_labels(density, brain, lesion.pattern, edema)
+        label = np.where(own > 0, own, label)
+        records.append(lesion.record(int(np.count_nonzero(own)), anatomy.index.size))
+        core = np.count_nonzero((density > RIM_LEVEL) & brain)
+        if lesion.mass_effect_mm > 0 and core:
+            radius = (3 * core * spacing**3 / (4 * math.pi)) ** (1 / 3)
+            masses.append((ndimage.center_of_mass(own > 0), radius, lesion.mass_effect_mm))
+    if masses:
+        anatomy = replace(anatomy, tissue=mass_effect(anatomy.tissue, anatomy.index, masses, spacing))
+    return anatomy, label, records
 
 
-def _render(rng, anatomy: Anatomy, label: np.ndarray) -> np.ndarray:
-    """Brain-voxel intensities (4, N): tissue mixture, tumour override, bias field, Rician noise."""
+def _render(rng, anatomy: Anatomy, label: np.ndarray, bias_scale=1.0, noise_scale=1.0) -> np.ndarray:
+    """Brain-voxel intensities (4, N): tissue mixture, tumour override, bias field, Rician noise.
+
+    The scales multiply the bias amplitude and the noise sigma (1.0 changes no value)."""
     names = HEALTHY_TISSUES + tuple(LABEL_TISSUES.values())
     means = np.array([CONTRAST[n] for n in names], np.float32)
     means *= 1 + rng.uniform(-CONTRAST_JITTER, CONTRAST_JITTER, means.shape).astype(np.float32)
@@ -372,26 +359,41 @@ def _render(rng, anatomy: Anatomy, label: np.ndarray) -> np.ndarray:
     tumour = label.ravel()[index]
     for row, cls in enumerate(LABEL_TISSUES, start=len(HEALTHY_TISSUES)):
         values[:, tumour == cls] = means[row, :, None]
-    values *= _bias_field(rng, label.shape).reshape(len(MODALITIES), -1)[:, index]
-    sigma = rng.uniform(*NOISE_RANGE) * means[HEALTHY_TISSUES.index("white matter"), :, None]
+    values *= bias_field(rng, len(MODALITIES), label.shape, bias_scale).reshape(len(MODALITIES), -1)[:, index]
+    sigma = rng.uniform(*NOISE_RANGE) * noise_scale * means[HEALTHY_TISSUES.index("white matter"), :, None]
     noise = rng.standard_normal((2, *values.shape), dtype=np.float32) * sigma
     values = np.hypot(values + noise[0], noise[1])
     return values * INTENSITY_SCALE
 
 
-def make_subject(index: int, tumour: bool, seed: int, spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (image float32 (X,Y,Z,4) FLAIR,T1w,T1gd,T2w ; label uint8 (X,Y,Z) in 0..3 ; affine 4x4)."""
+def make_subject(index: int, tumour: bool, seed: int, spacing: float,
+                 variety: Variety | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (image float32 (X,Y,Z,4) FLAIR,T1w,T1gd,T2w ; label uint8 (X,Y,Z) in 0..3 ; affine 4x4).
+
+    ``variety`` (None or ``Variety()``: the default's bytes) may change grid, axis order and dtype (int16)."""
+    return make_subject_with_record(index, tumour, seed, spacing, variety)[:3]
+
+
+def make_subject_with_record(index: int, tumour: bool, seed: int, spacing: float, variety: Variety | None = None):
+    """:func:`make_subject` plus a record of what was drawn: lesions (pattern, voxels on the ``spacing``
+    canvas, ...), deformation, voxel size, orientation and dtype of the stored image."""
+    variety = Variety() if variety is None else variety
     # Our matrix products are tiny; multi-threaded BLAS only leaves threads spinning that steal the
     # cores from everything else (about 3x slower at 4 mm, and worse with workers side by side).
     with threadpool_limits(limits=1, user_api="blas"):
-        anatomy_rng, tumour_rng, render_rng = _subject_rngs(seed, index)
-        anatomy = _warp(anatomy_rng, spacing)
-        brain = anatomy.brain
+        streams = _subject_streams(seed, index)
+        anatomy_rng, tumour_rng, render_rng, scan_rng = (np.random.default_rng(streams[i]) for i in (0, 1, 2, 4))
+        plan = draw_plan(streams[3], variety)
+        anatomy = _warp(anatomy_rng, spacing, plan.deformation)
         if tumour:
-            label = _tumour_labels(_tumour_density(tumour_rng, anatomy, spacing), brain)
+            anatomy, label, lesions = _tumour(tumour_rng, anatomy, spacing, plan)
         else:
-            label = np.zeros(brain.shape, np.uint8)
-        image = np.zeros(brain.shape + (len(MODALITIES),), np.float32)
-        image.reshape(-1, len(MODALITIES))[anatomy.index] = _render(render_rng, anatomy, label).T
-    return anatomy.paste(image), anatomy.paste(label), anatomy.affine
-
+            label, lesions = np.zeros(anatomy.tissue.shape[1:], np.uint8), []
+        image = np.zeros(label.shape + (len(MODALITIES),), np.float32)
+        values = _render(render_rng, anatomy, label, *render_scales(scan_rng, variety))
+        image.reshape(-1, len(MODALITIES))[anatomy.index] = values.T
+        image, label, affine = acquire(anatomy.paste(image), anatomy.paste(label), anatomy.affine, scan_rng, variety)
+    record = {"lesions": lesions, "deformation": round(plan.deformation, 4),
+              "voxel_mm": [round(float(z), 4) for z in np.sqrt((affine[:3, :3] ** 2).sum(0))],
+              "orientation": "".join(nib.aff2axcodes(affine)), "shape": list(label.shape), "dtype": str(image.dtype)}
+    return image, label, affine, record

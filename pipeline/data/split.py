@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -62,6 +62,34 @@ def _split_around_test(subjects: list[str], test: list[str], fractions: Sequence
     picked = [subjects[i] for i in order]
     return {"seed": int(seed), "fractions": [float(f) for f in fractions], "train": sorted(picked[:n_train]),
             "validation": sorted(picked[n_train:]), "test": test}
+
+
+def domain_split(domains: Mapping[str, str | None], train_domains: Sequence[str],
+                 fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0) -> dict:
+    """Shift split: subjects of ``train_domains`` train, every other subject is validation or test.
+
+    ``domains`` maps each subject to its domain (acquisition site, protocol, lesion mix: the dataset.json
+    entry's ``domain``). Validation and test are drawn from the other domains in the ratio of their
+    fractions (seeded, patient-level), so both measure transfer: what a model learnt on one kind of data
+    and is chosen and tested on another.
+    """
+    train_domains = sorted({str(d) for d in train_domains})
+    unlabelled = sorted(s for s, d in domains.items() if d is None)
+    if unlabelled:
+        raise InputError("split.train_domains", f"needs a 'domain' on every dataset.json entry; missing for "
+                                                f"{', '.join(unlabelled[:3])}")
+    train = sorted(s for s, d in domains.items() if d in train_domains)
+    held_out = sorted(s for s, d in domains.items() if d not in train_domains)
+    if not train or len(held_out) < 2:
+        found = sorted(set(domains.values()))
+        raise InputError("split.train_domains", f"{train_domains} leave {len(train)} training and {len(held_out)} "
+                                                f"held-out subjects (domains in the dataset: {found})")
+    share = fractions[1] / (fractions[1] + fractions[2])
+    order = np.random.default_rng(seed).permutation(len(held_out))
+    n_val = min(len(held_out) - 1, max(1, round(share * len(held_out))))
+    picked = [held_out[i] for i in order]
+    return {"seed": int(seed), "fractions": [float(f) for f in fractions], "train_domains": train_domains,
+            "train": train, "validation": sorted(picked[:n_val]), "test": sorted(picked[n_val:])}
 
 
 def check_split(split: dict, subjects: Sequence[str], source: str | os.PathLike) -> dict:
