@@ -179,3 +179,31 @@ def test_rotation_is_scipys_extrinsic_xyz():
     angles = np.random.default_rng(0).uniform(-0.3, 0.3, size=(5, 3))
     for a in angles:
         np.testing.assert_allclose(_rotation(a), Rotation.from_euler("xyz", a).as_matrix(), atol=1e-12)
+
+
+# sha256 of every file of `pipeline synth --healthy 2 --tumour 3 --seed 0 --spacing 4`, written by the generator
+# before the package moved into stage folders (commit d52c033): published protocols are bound to their data's bytes.
+GOLDEN_DATASET = {
+    "LICENSE_MNI.txt": "087f0c3a1f1c7aacbb28742ac085bad06e5bdb05547ea3a04ecb90f9dac09832",
+    "dataset.json": "c3ac38eca52122f5b673088977d112d2235f9d953f651920a34915a63ea0049b",
+    "imagesTr/BRATS_001.nii.gz": "96e6044a465fb8efa88f033c79b44dd756ca92978596f1e42dc8efc29c2a7ec0",
+    "imagesTr/BRATS_002.nii.gz": "c17b57281bcd60ef315a601cee69f5358ba3e8d7583fa17a72f4696c92a2d302",
+    "imagesTr/BRATS_003.nii.gz": "e9e96a509d59ba3a26c1543d444eb79e4f109965c7bc95198a7138eae5e791e3",
+    "imagesTr/BRATS_004.nii.gz": "e0178a56b4dc4b5c132e2e9c9bc2dbd9e0102c4b0a3d4d3897ba24f61411ee55",
+    "imagesTr/BRATS_005.nii.gz": "517f5ef04b3ea17c6ffcc88bc5042981a043076097c3927b41dbd00db9c07b98",
+    "labelsTr/BRATS_001.nii.gz": "910919b5ff7c66a9b7530b6ee61ac7f038e963b8e01ff4691958e0909ae18ffb",
+    "labelsTr/BRATS_002.nii.gz": "9ccddf4effc68c33b091d1afb5532a54a641a4db74f00a4dc625fdcd7cb8cb78",
+    "labelsTr/BRATS_003.nii.gz": "4f828e2b46a6ef6bbf5aea08b04a620c1ae1395956c88bcb1559e424b691ea59",
+    "labelsTr/BRATS_004.nii.gz": "d46139bc04d51952f12186d53a72c92990d8b6a2aed62b5c8a95754ca8789f49",
+    "labelsTr/BRATS_005.nii.gz": "d46139bc04d51952f12186d53a72c92990d8b6a2aed62b5c8a95754ca8789f49",
+}
+
+
+def test_default_dataset_is_byte_identical_to_the_published_generator(tmp_path):
+    """Every file, dataset.json included (its generator record once changed with a module rename)."""
+    import hashlib
+
+    task = synth.generate_dataset(tmp_path, n_healthy=2, n_tumour=3, seed=0, spacing=4.0, workers=1, progress=False)
+    found = {str(p.relative_to(task)): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(task.rglob("*")) if p.is_file()}
+    assert found == GOLDEN_DATASET

@@ -25,6 +25,9 @@ from pipeline.data.variety import Domain, Variety
 from pipeline.errors import InputError
 from pipeline.layout import GROUND_TRUTH_LABELS, HIDDEN_TEST_KEY
 
+GENERATOR = "pipeline.synth"
+"""The generator's name as dataset.json records it. Data, not an import path: it kept its name when the module
+moved to pipeline.data.synth, because published protocols are bound to their datasets' bytes."""
 LABELS = ("background", "edema", "non-enhancing tumor", "enhancing tumour")
 
 MNI_COPYRIGHT = (
@@ -158,7 +161,7 @@ def _dataset_json(names, tumour_flags, seed, spacing, n_healthy, n_tumour) -> di
     return {
         "name": "BRATS",
         "description": "Synthetic BraTS-like gliomas (edema, non-enhancing and enhancing tumour) on brain MRI",
-        "reference": "pipeline.data.synth: ICBM152 2009 template anatomy, Fisher-Kolmogorov tumour growth",
+        "reference": f"{GENERATOR}: ICBM152 2009 template anatomy, Fisher-Kolmogorov tumour growth",
         "licence": "Derived from the MNI ICBM152 2009 template; keep LICENSE_MNI.txt with every copy",
         "release": "1.0 synthetic",
         "tensorImageSize": "4D",
@@ -169,7 +172,7 @@ def _dataset_json(names, tumour_flags, seed, spacing, n_healthy, n_tumour) -> di
         "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names],
         "test": [],
         "synthetic": {
-            "generator": "pipeline.data.synth",
+            "generator": GENERATOR,
             "seed": seed,
             "spacing": spacing,
             "n_healthy": n_healthy,
