@@ -429,3 +429,18 @@ def test_cli_variety_option(tmp_path, capsys):
     meta = json.loads((tmp_path / "y" / "Task01_BrainTumour" / "dataset.json").read_text())
     assert sorted(e["domain"] for e in meta["training"]) == ["a", "b"]
     assert not (tmp_path / "x").exists()
+
+
+def test_log_uniform_lesion_sizes_make_small_lesions_as_common_as_large_ones():
+    """With lesion_size_log the median size is the range's geometric mean; the default draws uniformly."""
+    from pipeline.data.variety import Lesion
+
+    def draws(log_size):
+        lesion = Lesion(0, (0.0005, 0.05), log_size, "ring", 1.0, 0.0, 0.0, np.random.SeedSequence(0))
+        rng = np.random.default_rng(0)
+        return np.array([lesion.draw_fraction(rng) for _ in range(4000)])
+
+    log, flat = draws(True), draws(False)
+    assert log.min() >= 0.0005 and log.max() <= 0.05 and abs(np.median(log) / 0.005 - 1) < 0.1
+    assert abs(np.median(flat) / 0.02525 - 1) < 0.05
+    assert np.mean(log < 0.005) > 0.45 and np.mean(flat < 0.005) < 0.1

@@ -288,7 +288,7 @@ def _grow(rng, grid: _SimGrid, anatomy: Anatomy, spacing: float, lesion: Lesion,
     """Grow one tumour from a white-matter seed; its density on the simulation grid (None: no room left).
     The first lesion of the default settings draws and computes exactly what the generator always did."""
     front = rng.uniform(*FRONT_MM)
-    fraction = rng.uniform(*lesion.fraction_range)
+    fraction = lesion.draw_fraction(rng)
     h, sigma = grid.h, SEED_SIGMA_MM
     if fraction < TUMOUR_FRACTION[0]:  # small: a real core has to form at a smaller size
         shrink = (fraction / SMALL_REFERENCE) ** (1 / 3)

@@ -50,7 +50,8 @@ class Variety:
 
     Lesions (tumour subjects): ``lesion_count`` 1..3 separate lesions (default (1, 1));
     ``lesion_fraction`` whole-tumour volume of each lesion as a fraction of the brain, 0.0005..0.15
-    (default (0.02, 0.08)); ``irregularity`` 0..1 uneven diffusion and proliferation, lobulated
+    (default (0.02, 0.08)), drawn uniformly or, with ``lesion_size_log``, log-uniformly (sizes that span
+    orders of magnitude, as real lesions do; default false); ``irregularity`` 0..1 uneven diffusion and proliferation, lobulated
     infiltrative growth (default 0); ``enhancement`` probabilities of "ring" / "solid" / "none" per lesion (default
     ring); ``edema_scale`` 0.25..3 edema extent (default 1); ``mass_effect_mm`` 0..15 peak outward push
     of healthy tissue per lesion (default 0). Anatomy: ``deformation`` 0..3 multiplier of rotation,
@@ -64,6 +65,7 @@ class Variety:
 
     lesion_count: tuple = (1, 1)
     lesion_fraction: tuple = (0.02, 0.08)
+    lesion_size_log: bool = False
     irregularity: tuple = (0.0, 0.0)
     enhancement: tuple = (("ring", 1.0),)
     edema_scale: tuple = (1.0, 1.0)
@@ -80,6 +82,8 @@ class Variety:
     def __post_init__(self):
         for name, (low, high) in _LIMITS.items():
             object.__setattr__(self, name, _range(name, getattr(self, name), low, high, name == "lesion_count"))
+        if not isinstance(self.lesion_size_log, bool):
+            raise InputError("lesion_size_log", f"must be true or false, got {self.lesion_size_log!r}")
         if self.voxel_mm is not None:
             axes = self.voxel_mm
             if isinstance(axes, (str, bytes)) or not hasattr(axes, "__len__") or len(axes) != 3:
@@ -192,7 +196,7 @@ class Domain:
 PRESETS = {
     "none": Variety(),
     "mixed": Variety(
-        lesion_count=(1, 3), lesion_fraction=(0.001, 0.06), irregularity=(0.0, 0.8),
+        lesion_count=(1, 3), lesion_fraction=(0.0005, 0.04), lesion_size_log=True, irregularity=(0.0, 0.8),
         enhancement={"ring": 0.6, "solid": 0.2, "none": 0.2}, edema_scale=(0.5, 2.0), mass_effect_mm=(0.0, 8.0),
         deformation=(0.5, 2.0), voxel_mm=((1.0, 2.5), (1.0, 2.5), (1.5, 5.0)),
         orientations=("RAS", "LPS", "LAS", "RPI", "PIR"), fov_crop_mm=(0.0, 20.0), intensity_gain=(0.05, 20.0),
@@ -233,11 +237,18 @@ class Lesion:
 
     number: int  # 0: the first lesion, grown from the tumour stream exactly as without variety
     fraction_range: tuple
+    log_size: bool
     pattern: str
     edema_scale: float
     mass_effect_mm: float
     irregularity: float
     stream: np.random.SeedSequence  # (growth of lesions after the first, irregular field)
+
+    def draw_fraction(self, rng: np.random.Generator) -> float:
+        """Whole-tumour size as a fraction of the brain: uniform in the range (one draw, as the published
+        generator made it) or log-uniform (one draw too), so small lesions are as common as large ones."""
+        low, high = self.fraction_range
+        return math.exp(rng.uniform(math.log(low), math.log(high))) if self.log_size else rng.uniform(low, high)
 
     def edema_level(self, edema: float, rim: float) -> float:
         """Density threshold of the edema: at scale s the edema band spans s times its log-density range."""
@@ -294,7 +305,7 @@ def draw_plan(stream: np.random.SeedSequence, variety: Variety) -> Plan:
     for i in range(count):
         pick, edema, mass, irregular = u[2 + 4 * i: 6 + 4 * i]
         pattern = names[min(int(np.searchsorted(np.cumsum(weights), pick * sum(weights), "right")), len(names) - 1)]
-        lesions.append(Lesion(i, variety.lesion_fraction, pattern, between(edema, variety.edema_scale),
+        lesions.append(Lesion(i, variety.lesion_fraction, variety.lesion_size_log, pattern, between(edema, variety.edema_scale),
                               between(mass, variety.mass_effect_mm), between(irregular, variety.irregularity),
                               _child(stream, i)))
     return Plan(between(u[0], variety.deformation), tuple(lesions))
