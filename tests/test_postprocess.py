@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_score import Oracle, _slices
 
+from pipeline.errors import InputError
 from pipeline.model.network import make_scheduler
 from pipeline.model.noise import make_noise
 from pipeline.model.train import NoisePrepareBatch, clean_outside
@@ -197,3 +198,31 @@ def test_erode_equals_monai_erosion():
     for iterations in (1, 2):
         expected = monai_erode(expected, filter_size=3, pad_value=1.0)
         assert torch.equal(erode(mask, iterations), expected.float())
+
+
+def test_subject_standardisation_removes_a_subject_wide_scale():
+    """map_norm subject: a scan whose map is 3x higher everywhere (noise, bias, another scanner) gets the
+    same standardised map; a lesion stays above its healthy surroundings by the same ratio; zero outside."""
+    from pipeline.scoring.postprocess import standardise_over_brain
+
+    rng = np.random.default_rng(0)
+    volume = torch.from_numpy(rng.random((1, 16, 16, 8)).astype(np.float32))
+    volume[0, 6:9, 6:9, 3:5] += 5.0  # a lesion: 18 of 2048 voxels
+    brain = torch.zeros_like(volume, dtype=torch.bool)
+    brain[0, 2:14, 2:14, 1:7] = True
+    one, three = standardise_over_brain(volume, brain), standardise_over_brain(3 * volume, brain)
+    assert torch.allclose(one, three, rtol=1e-5) and float(one[~brain].abs().max()) == 0.0
+    healthy = one[brain & (volume < 1)]
+    assert 0.9 < float(healthy.mean()) < 1.3 and float(one[0, 7, 7, 3]) > 5 * float(healthy.mean())
+
+
+def test_subject_standardisation_is_a_checked_setting():
+    from pipeline.scoring.postprocess import postprocess_volume
+
+    with pytest.raises(InputError, match="map_norm"):
+        ScoreSettings(map_norm="global")
+    settings = ScoreSettings(map_norm="subject", median_3d=1)
+    with pytest.raises(InputError, match="brain mask"):
+        postprocess_volume(torch.ones(1, 4, 4, 4), settings, None)
+    out = postprocess_volume(torch.ones(1, 4, 4, 4), settings, None, torch.ones(1, 4, 4, 4))
+    assert torch.allclose(out, torch.ones(1, 4, 4, 4))

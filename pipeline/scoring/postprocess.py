@@ -25,6 +25,7 @@ INTENSITY_BINS = np.linspace(0.0, 2.0, 41)
 MIN_SAMPLES = 20
 """A position or intensity bin with fewer healthy samples falls back to the channel's global statistics."""
 STD_FLOOR = 0.1
+BULK_QUANTILE = 0.85  # map_norm subject: the healthy level is measured below this quantile (lesions < 15 %)
 """Per-bin standard deviations are floored at this fraction of the channel's global one (no blow-ups)."""
 
 
@@ -192,11 +193,34 @@ def map_from_residual(residual: torch.Tensor, x: torch.Tensor, brain: torch.Tens
     return median_filter(reduced * mask, settings.median_size) * mask
 
 
-def postprocess_volume(volume: torch.Tensor, settings: ScoreSettings, component_threshold: float | None) -> torch.Tensor:
+def postprocess_volume(volume: torch.Tensor, settings: ScoreSettings, component_threshold: float | None,
+                       brain: torch.Tensor | None = None) -> torch.Tensor:
     """3D steps on the (1, H, W, D) grid map: median over the volume, then removal of small components
-    above ``component_threshold`` (calibrated on healthy validation maps; None: no removal)."""
+    above ``component_threshold`` (calibrated on healthy validation maps; None: no removal), then, with
+    ``map_norm: subject``, the subject's own standardisation over ``brain`` (its grid brain mask)."""
     volume = median_filter_3d(volume, settings.median_3d)
     if settings.min_component_voxels > 1 and component_threshold is not None:
         volume = torch.from_numpy(remove_small_components(volume[0].numpy(), component_threshold,
                                                           settings.min_component_voxels))[None]
+    if settings.map_norm == "subject":
+        if brain is None:
+            raise InputError("map_norm", "subject standardisation needs the subject's brain mask")
+        volume = standardise_over_brain(volume, brain > 0.5)
     return volume
+
+
+def standardise_over_brain(volume: torch.Tensor, brain: torch.Tensor) -> torch.Tensor:
+    """A map divided by its own healthy level: the mean over brain voxels at or below their
+    :data:`BULK_QUANTILE`; zero outside the brain.
+
+    Lesions are a minority of brain voxels, so the lower bulk measures the subject's healthy map level:
+    a scan whose residuals are higher everywhere (more noise, stronger bias, another scanner) is put on
+    the same scale as the calibration subjects before one threshold is applied to all. A mean rather
+    than a median or MAD: after z-scoring clamped at 0, half a healthy brain's map can be exactly 0.
+    """
+    values = volume[brain].double().numpy()
+    if values.size == 0:
+        return torch.zeros_like(volume)
+    bulk = values[values <= np.quantile(values, BULK_QUANTILE)]
+    level = max(float(bulk.mean()), 1e-6 * (float(values.max()) + 1e-12), 1e-12)
+    return torch.where(brain, volume / level, torch.zeros_like(volume))

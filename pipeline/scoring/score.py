@@ -209,7 +209,7 @@ def score_subject(item: dict, transform, scorer: Scorer) -> SubjectScore:
         recons.append(recon.cpu())
         residuals.append(residual.cpu())
     grid_map = postprocess_volume(to_volume(maps, z, (1, *image.shape[1:])), settings,
-                                  scorer.calibration.component_threshold)
+                                  scorer.calibration.component_threshold, torch.as_tensor(brain))
     recon_all, residual_all = torch.cat(recons), torch.cat(residuals)  # the checks refuse a brain-free image
     recon_volume = to_volume(recons, z, (recon_all.shape[1], *image.shape[1:]))
     grid = {"image": image.as_tensor().numpy(), "recon": recon_volume.numpy(),

@@ -20,6 +20,7 @@ SAMPLER_NAMES = ("x0", "ddim", "ddpm", "patched", GUIDED, BASELINE)
 the samplers; a test checks the two agree)."""
 REDUCTIONS = ("max", "mean")
 RESIDUAL_NORMS = ("none", "position", "intensity")
+MAP_NORMS = ("none", "subject")
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -42,7 +43,9 @@ class ScoreSettings:
     ``n_draws`` noise draws). Map: channel residuals -> optional healthy-residual z-score
     (``residual_norm``) -> reduce over channels -> eroded brain mask -> 2D median -> 3D median
     (``median_3d``, 1 = off) -> small components (< ``min_component_voxels``) above the
-    ``component_quantile`` of healthy validation maps clamped away.
+    ``component_quantile`` of healthy validation maps clamped away -> optional per-subject
+    standardisation (``map_norm: subject``: the map divided by its own healthy level over the subject's
+    brain, so a scan that is noisier or more biased all over does not light up everywhere at one threshold).
     """
 
     sampler: str = "ddim"
@@ -58,6 +61,7 @@ class ScoreSettings:
     residual_norm: str = "none"
     min_component_voxels: int = 0
     component_quantile: float = 0.99
+    map_norm: str = "none"
     guidance_scale: float = 3.0
 
     def __post_init__(self):
@@ -84,6 +88,8 @@ class ScoreSettings:
         if self.residual_norm not in RESIDUAL_NORMS:
             raise InputError("residual_norm", f"unknown normalisation {self.residual_norm!r}; "
                                               f"choose one of {', '.join(RESIDUAL_NORMS)}")
+        if self.map_norm not in MAP_NORMS:
+            raise InputError("map_norm", f"unknown map normalisation {self.map_norm!r}; choose one of {', '.join(MAP_NORMS)}")
         if not 0 < float(self.component_quantile) < 1:
             raise InputError("component_quantile", f"must be in (0, 1), got {self.component_quantile!r}")
         if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
