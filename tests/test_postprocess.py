@@ -226,3 +226,21 @@ def test_subject_standardisation_is_a_checked_setting():
         postprocess_volume(torch.ones(1, 4, 4, 4), settings, None)
     out = postprocess_volume(torch.ones(1, 4, 4, 4), settings, None, torch.ones(1, 4, 4, 4))
     assert torch.allclose(out, torch.ones(1, 4, 4, 4))
+
+
+def test_smoothing_the_signed_residual_cancels_noise_and_keeps_a_lesion():
+    """residual_smooth: zero-mean noise the model does not reproduce averages out before |.|, a coherent
+    difference (a lesion the model healed) keeps its size; filtering after |.| would keep E|noise| > 0."""
+    from pipeline.scoring.postprocess import smooth_signed
+
+    gen = torch.Generator().manual_seed(0)
+    noise = 0.1 * torch.randn(1, 2, 48, 48, generator=gen)
+    lesion = torch.zeros(1, 2, 48, 48)
+    lesion[:, :, 20:28, 20:28] = 0.5
+    raw, smooth = (noise + lesion).abs(), smooth_signed(noise + lesion, 5).abs()
+    background = (slice(None), slice(None), slice(0, 12), slice(0, 48))
+    assert float(smooth[background].mean()) < 0.4 * float(raw[background].mean())
+    assert abs(float(smooth[:, :, 22:26, 22:26].mean()) - 0.5) < 0.05
+    assert torch.equal(smooth_signed(noise, 1), noise)
+    with pytest.raises(InputError, match="residual_smooth"):
+        ScoreSettings(residual_smooth=2)

@@ -55,6 +55,17 @@ MEDIAN9_NETWORK = ((1, 2), (4, 5), (7, 8), (0, 1), (3, 4), (6, 7), (1, 2), (4, 5
 (Paeth's median-of-9 network, as in N. Devillard's ``opt_med9``)."""
 
 
+def smooth_signed(difference: torch.Tensor, size: int = 1) -> torch.Tensor:
+    """k x k mean of a signed (B, C, H, W) difference, per channel, before it is rectified.
+
+    Filtering after the absolute value (the 2D / 3D medians) keeps the mean of |noise| > 0 everywhere: a
+    noisier scan has higher residuals all over. Averaging the signed difference first cancels noise the
+    model does not reproduce (zero mean) and keeps a lesion's coherent difference."""
+    if size <= 1:
+        return difference
+    return F.avg_pool2d(difference, size, stride=1, padding=size // 2, count_include_pad=False)
+
+
 def median_filter(maps: torch.Tensor, size: int = 3) -> torch.Tensor:
     """Per-slice median filter of (B, 1, H, W) maps (edge-replicated), vectorised over the batch.
 

@@ -40,7 +40,9 @@ class ScoreSettings:
     ``ddpm`` (AnoDDPM, every step), ``patched`` (pDDPM: one ``patch_size`` patch noised at a time,
     DDIM in ``ddim_steps`` calls) or ``flair`` (the baseline: map = FLAIR intensity, no model).
     ``t_start``: one noise level or several (a t_L ensemble: residuals averaged over levels and
-    ``n_draws`` noise draws). Map: channel residuals -> optional healthy-residual z-score
+    ``n_draws`` noise draws). ``residual_smooth``: a k x k mean of the signed residual x - recon before its
+    absolute value (1 = off): image noise the model does not reproduce averages out, a lesion's coherent
+    difference does not. Map: channel residuals -> optional healthy-residual z-score
     (``residual_norm``) -> reduce over channels -> eroded brain mask -> 2D median -> 3D median
     (``median_3d``, 1 = off) -> small components (< ``min_component_voxels``) above the
     ``component_quantile`` of healthy validation maps clamped away -> optional per-subject
@@ -62,6 +64,7 @@ class ScoreSettings:
     min_component_voxels: int = 0
     component_quantile: float = 0.99
     map_norm: str = "none"
+    residual_smooth: int = 1
     guidance_scale: float = 3.0
 
     def __post_init__(self):
@@ -79,7 +82,7 @@ class ScoreSettings:
             _check_int("patch_size", self.patch_size, 1)
         elif self.sampler == "patched":
             raise InputError("patch_size", "the patched sampler needs a patch size in pixels")
-        for name in ("median_size", "median_3d"):
+        for name in ("median_size", "median_3d", "residual_smooth"):
             value = getattr(self, name)
             if int(value) != value or value < 1 or value % 2 == 0:
                 raise InputError(name, f"must be an odd integer >= 1, got {value!r}")
