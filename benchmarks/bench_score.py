@@ -9,7 +9,7 @@ same validation subjects with a tumour for every sampler. Seconds per subject ar
 
 Then, in the same run, the metric cost at 10^8 voxels against scikit-learn (benchmarks/bench_metrics.py).
 
-    python benchmarks/bench_score.py [--protocol configs/benchmark/default.yaml] [--subjects 2] [--metric-voxels 1e8]
+    python benchmarks/bench_score.py [--protocol configs/benchmark/synthetic-default-v2.yaml] [--subjects 2] [--metric-voxels 1e8]
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _workflow(protocol: dict, results: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--protocol", default="configs/benchmark/default.yaml")
+    parser.add_argument("--protocol", default="configs/benchmark/synthetic-default-v2.yaml")
     parser.add_argument("--results", default="results")
     parser.add_argument("--subjects", type=int, default=2, help="validation subjects with a tumour, scored by every sampler")
     parser.add_argument("--metric-voxels", type=float, default=1e8, help="0 skips the metric benchmark")
