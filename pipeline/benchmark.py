@@ -2,8 +2,12 @@
 
 Every entry runs through the bundle (train, inference, evaluate workflows) and gets one run folder
 with the resolved config, environment, anomaly maps, metrics and timings. Entries already done
-(their ``run.json`` exists; it is written last) are skipped, and models are shared between
-entries that differ only in how they score (t_L, sampler), since training does not depend on it.
+(their ``run.json`` exists, it is written last, and their row is on the leaderboard when one takes
+the protocol's runs) are skipped; a run without its row is submitted without running it again.
+Models are shared between entries that differ only in how they score (t_L, sampler), since
+training does not depend on it. Protocol ids and method names become folders, so they follow
+:data:`pipeline.leaderboard.registry.NAME_PATTERN` and every output folder is checked to stay
+inside ``--results`` (:func:`confined`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pipeline.bundle import check_plain_settings, run_bundle
 from pipeline.common import BASELINE, GUIDED, read_json
 from pipeline.data.dataset import dataset_fingerprint, task_paths
 from pipeline.errors import InputError
-from pipeline.leaderboard.registry import protocol_hash, split_fingerprint
+from pipeline.leaderboard.registry import check_name, protocol_hash, split_fingerprint
+from pipeline.leaderboard.submission import METHOD_PATTERN
 from pipeline.scoring.maps import read_index
 
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
@@ -81,6 +86,7 @@ def load_protocol(path: str | os.PathLike, overrides: dict | None = None) -> dic
     missing = sorted({"id", "dataset", "methods"} - set(content))
     if unknown or missing:
         raise InputError(path, f"unknown keys {unknown} / missing keys {missing} (allowed: {sorted(PROTOCOL_KEYS)})")
+    check_name(content["id"], path, "protocol id")  # a folder under --results
     if not isinstance(content["methods"], list) or not content["methods"]:
         raise InputError(path, "'methods' must be a non-empty list")
     dataset = content["dataset"]
@@ -103,12 +109,13 @@ def expand_methods(protocol: dict) -> list[dict]:
     for method in protocol["methods"]:
         if not isinstance(method, dict) or "name" not in method:
             raise InputError(protocol["path"], f"every method needs a 'name', got {method!r}")
+        check_name(method["name"], protocol["path"], "method name")
         varying = {k: method[k] for k in MATRIX_KEYS if isinstance(method.get(k), list)}  # fixed order
         fixed = {k: v for k, v in method.items() if k not in varying}
         for values in itertools.product(*varying.values()):
             entry = {**fixed, **dict(zip(varying, values))}
             entry.setdefault("seed", 0)
-            entry["id"] = _entry_id(entry, varying)
+            entry["id"] = check_name(_entry_id(entry, varying), protocol["path"], "method entry id", METHOD_PATTERN)
             entries.append(entry)
     ids = [e["id"] for e in entries]
     if len(set(ids)) != len(ids):
@@ -238,7 +245,7 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
     ``trust_expressions`` lets settings through that MONAI's config parser evaluates
     (:func:`pipeline.bundle.check_plain_settings`); without it they are refused. ``ground_truth_dir``:
     the test labels of a hidden-label dataset (the organiser's folder; not part of the config hash)."""
-    run_dir = results / "runs" / entry["id"]
+    run_dir = confined(results, results / "runs" / entry["id"], protocol["path"])
     if (run_dir / "run.json").is_file():
         return run_dir
     split = protocol.get("split", {})
@@ -302,34 +309,61 @@ def _train_once(model_dir: Path, workflow: str, train: dict, shared: dict, trust
 def run_benchmark(protocol_path: str | os.PathLike, results_dir: str | os.PathLike = "results",
                   leaderboard: str | os.PathLike | None = None, progress: bool = True,
                   overrides: dict | None = None, trust_expressions: bool = False, ground_truth_dir=None) -> list[Path]:
-    """Run every entry of the protocol; submit new runs to ``leaderboard`` (if given). ``ground_truth_dir``:
-    where a hidden-label dataset's test labels are (an organiser's run, evaluated and submitted with them)."""
+    """Run every entry of the protocol; submit runs whose row is not yet on ``leaderboard`` (if given).
+    ``ground_truth_dir``: where a hidden-label dataset's test labels are (an organiser's run, evaluated
+    and submitted with them)."""
+    from pipeline.leaderboard.registry import bound_protocol
     from pipeline.leaderboard.submission import submit
 
     protocol = load_protocol(protocol_path, overrides)
     check_protocol_settings(protocol, overrides, trust_expressions)
     entries = expand_methods(protocol)
-    results = Path(results_dir) / protocol["id"]
+    results = confined(Path(results_dir), Path(results_dir) / protocol["id"], protocol["path"])
+    run_dirs = [confined(results, results / "runs" / entry["id"], protocol["path"]) for entry in entries]
     dataset_root = ensure_dataset(protocol, progress)
+    board = None if leaderboard is None or validation_only(protocol) else leaderboard
+    binding = None if board is None else protocol_for_submission(protocol)
+    if board is not None:
+        bound_protocol(board, protocol["id"], binding, write=False)  # refused before any training if it cannot land
     write_json(results / "protocol.json", {k: v for k, v in protocol.items() if k != "path"})
-    runs, binding = [], None
-    for i, entry in enumerate(entries, 1):
-        done = (results / "runs" / entry["id"] / "run.json").is_file()
+    for i, (entry, run_dir) in enumerate(zip(entries, run_dirs), 1):
+        state = entry_state(run_dir, board)
         if progress:
-            print(f"[{i}/{len(entries)}] {entry['id']}: {'already done' if done else 'running'}", flush=True)
-        run_dir = run_entry(protocol, entry, results, dataset_root, progress, trust_expressions, ground_truth_dir)
-        runs.append(run_dir)
-        if leaderboard is not None and not done and not validation_only(protocol):
-            binding = binding or protocol_for_submission(protocol)
-            submit(run_dir, leaderboard, binding, ground_truth_dir=ground_truth_dir,
+            print(f"[{i}/{len(entries)}] {entry['id']}: {state}", flush=True)
+        if state == RUNNING:
+            run_entry(protocol, entry, results, dataset_root, progress, trust_expressions, ground_truth_dir)
+        if board is not None and state != DONE:
+            submit(run_dir, board, binding, ground_truth_dir=ground_truth_dir,
                    n_boot=protocol.get("evaluation", {}).get("bootstrap_resamples", 1000))
-    if leaderboard is not None and not validation_only(protocol) and Path(leaderboard).is_file():
+    if board is not None and Path(board).is_file():
         from pipeline.leaderboard.site import build_site
 
-        site = build_site(leaderboard)
+        site = build_site(board)
         if progress:
             print(f"leaderboard site: {site}", flush=True)
-    return runs
+    return run_dirs
+
+
+RUNNING, SUBMITTING, DONE = "running", "run found, submitting its missing row", "already done"
+
+
+def entry_state(run_dir: Path, board) -> str:
+    """An entry is done when its run record exists and (when a leaderboard takes its runs) its row is
+    on the leaderboard: a run killed between its record and its row is submitted next time, not lost."""
+    from pipeline.leaderboard.submission import on_leaderboard
+
+    if not (run_dir / "run.json").is_file():
+        return RUNNING
+    return DONE if board is None or on_leaderboard(board, run_dir) else SUBMITTING
+
+
+def confined(root: Path, path: Path, source) -> Path:
+    """``path``, refused unless it lies strictly inside ``root`` once resolved: names from a protocol
+    file decide output folders, and nothing may be written outside ``--results``."""
+    base, resolved = root.resolve(), path.resolve()
+    if resolved == base or not resolved.is_relative_to(base):
+        raise InputError(source, f"output folder {path} leaves the results folder {base}")
+    return path
 
 
 def validation_only(protocol: dict) -> bool:

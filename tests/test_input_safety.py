@@ -288,6 +288,8 @@ def test_organiser_benchmarks_a_hidden_label_dataset_with_its_ground_truth(hidde
     csv_path = tmp_path / "lb.csv"
     command = ["benchmark", str(protocol), "--results", str(tmp_path / "results"), "--leaderboard", str(csv_path),
                "--quiet"]
+    assert main(["leaderboard", "init", "--protocol", str(protocol), "--leaderboard", str(csv_path),
+                 "--ground-truth", str(hidden["truth"])]) == 0  # only the organiser binds a hidden-label protocol
     assert main(command) == 2
     assert "test label is hidden" in error_line(capsys) and not csv_path.exists()
     assert main([*command, "--ground-truth", str(hidden["truth"])]) == 0
@@ -324,9 +326,13 @@ def test_maps_made_from_hidden_labels_are_scored_with_ground_truth(hidden, tmp_p
     csv_path = tmp_path / "lb.csv"
     submit = ["leaderboard", "submit", str(run), "--protocol", str(protocol_path), "--leaderboard", str(csv_path)]
     assert main(submit) == 2
-    assert "test label is hidden" in error_line(capsys)
-    assert main([*submit, "--ground-truth", str(tmp_path / "missing")]) == 2
-    assert "ground-truth folder not found" in error_line(capsys)
+    assert "only the organiser binds it" in error_line(capsys)
+    init = ["leaderboard", "init", "--protocol", str(protocol_path), "--leaderboard", str(csv_path)]
+    assert main([*init, "--ground-truth", str(tmp_path / "missing")]) == 2
+    assert "no hidden label for test subject" in error_line(capsys)
+    assert main([*init, "--ground-truth", str(truth)]) == 0
+    assert main(submit) == 2
+    assert "this submission brings dataset labels" in error_line(capsys)
     assert main([*submit, "--ground-truth", str(truth)]) == 0
     row = read_leaderboard(csv_path).iloc[0]
     assert row["test_subjects"] == 3 and row["auprc"] == pytest.approx(1.0) and row["dice"] == pytest.approx(1.0)

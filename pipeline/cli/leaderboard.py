@@ -38,7 +38,8 @@ def _protocol_binding(path, assignments) -> dict:
 def _cmd_init(args) -> None:
     from pipeline.leaderboard.registry import register_protocol, registry_path
 
-    record = register_protocol(args.leaderboard, _protocol_binding(args.protocol, args.set))
+    record = register_protocol(args.leaderboard, _protocol_binding(args.protocol, args.set),
+                               ground_truth_dir=args.ground_truth)
     print(f"{registry_path(args.leaderboard)}: protocol {record['id']} (hash {record['hash'][:12]}, dataset "
           f"{record['dataset_fingerprint']}, {len(record['split']['test'])} test subjects)")
 
@@ -88,6 +89,8 @@ def add_leaderboard_commands(sub) -> None:
     q.add_argument("--protocol", required=True, help="protocol file, e.g. configs/benchmark/default.yaml")
     set_option(q)
     leaderboard_option(q)
+    _ground_truth_option(q, "organiser's folder with the hidden test labels: a hidden-label dataset's protocol "
+                            "is bound only with them")
     q = add_command(actions, "submit", _cmd_submit, "recompute a run's metrics from its maps and append it")
     q.add_argument("run_dir")
     q.add_argument("--protocol", default=None, help="protocol file; needed only for the first submission under "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,6 +29,17 @@ from pipeline.common import SECTIONS, read_json
 from pipeline.errors import InputError
 
 LOCK_TIMEOUT_S = 300
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
+"""Protocol ids and method names: they become folder names under ``--results``, so no path
+separators, no leading dot, no ``..`` (checked by :func:`check_name`)."""
+
+
+def check_name(value, source, what: str, pattern: re.Pattern = NAME_PATTERN) -> str:
+    """Refuse a name that could leave the folder it names (``../x``, ``/abs``, ``.hidden``)."""
+    if not isinstance(value, str) or not pattern.fullmatch(value) or ".." in value:
+        raise InputError(source, f"{what} {value!r} must match {pattern.pattern} without '..' (letters, digits, "
+                                 "'._-', starting with a letter or digit, at most 80 characters)")
+    return value
 
 
 def _sha256(obj) -> str:
@@ -94,8 +106,7 @@ def protocol_record(binding: dict) -> dict:
     missing = [k for k in ("id", "hash", "content", "dataset_dir", "split") if k not in binding]
     if missing:
         raise InputError("protocol", f"missing {', '.join(missing)}")
-    if not isinstance(binding["id"], str) or not binding["id"].isprintable():
-        raise InputError("protocol", f"id must be printable text, got {binding['id']!r}")
+    check_name(binding["id"], "protocol", "protocol id")
     split = {k: sorted(binding["split"][k]) for k in SECTIONS}
     return {"id": binding["id"], "hash": binding["hash"], "content": binding["content"],
             "dataset_dir": str(Path(binding["dataset_dir"]).resolve()),
@@ -108,35 +119,78 @@ def _same_binding(old: dict, new: dict) -> bool:
     return all(old[k] == new[k] for k in ("hash", "dataset_fingerprint", "split_fingerprint"))
 
 
-def register_protocol(csv_path, binding: dict) -> dict:
+def register_protocol(csv_path, binding: dict, ground_truth_dir=None) -> dict:
     """Bind the leaderboard to a protocol (``pipeline leaderboard init``); returns the record.
 
-    Registering the same protocol, data and split again is a no-op; another hash, data or split
-    under a registered id is refused (a new protocol needs a new id)."""
+    Registering the same protocol, data and split again is a no-op; another hash, data, split or
+    labels under a registered id is refused (a new protocol needs a new id). A dataset with hidden
+    test labels is bound only together with them (``ground_truth_dir``, the organiser's folder), so a
+    participant's first submission can never claim its id."""
     record = protocol_record(binding)
+    hidden = has_hidden_test_labels(binding["dataset_dir"])
+    labels = _init_labels(hidden, ground_truth_dir, record)
     path = registry_path(csv_path)
     with locked(csv_path):
         registry = read_registry(csv_path)
         old = registry.get(record["id"])
-        if old is not None:
-            if not _same_binding(old, record):
-                raise InputError(path, f"protocol id {record['id']!r} is registered with protocol hash "
-                                       f"{old['hash'][:12]}, dataset {old['dataset_fingerprint']} and split "
-                                       f"{old['split_fingerprint'][:12]}; this protocol differs (give it a new id)")
-            return old
-        write_json(path, {**registry, record["id"]: record})
-    return record
+        if old is None:
+            if hidden and labels is None:
+                raise InputError(path, unbound_hidden(record["id"]))
+            record = {**record, **({"ground_truth": labels} if labels else {})}
+            write_json(path, {**registry, record["id"]: record})
+            return record
+        if not _same_binding(old, record) or old.get("ground_truth") not in (None, labels or old.get("ground_truth")):
+            raise InputError(path, f"protocol id {record['id']!r} is registered with protocol hash "
+                                   f"{old['hash'][:12]}, dataset {old['dataset_fingerprint']}, split "
+                                   f"{old['split_fingerprint'][:12]} and {_labels_text(old.get('ground_truth'))}; "
+                                   "this protocol differs (give it a new id)")
+        if labels is not None and old.get("ground_truth") is None:
+            write_json(path, {**registry, record["id"]: {**old, "ground_truth": labels}})
+    return old
 
 
-def bound_protocol(csv_path, protocol_id: str, binding: dict | None = None) -> dict:
+def unbound_hidden(protocol_id: str) -> str:
+    return (f"protocol {protocol_id!r} is not bound on this leaderboard and its dataset hides its test labels: only "
+            "the organiser binds it, with `pipeline leaderboard init --protocol FILE --ground-truth GT_DIR`")
+
+
+def has_hidden_test_labels(dataset_dir) -> bool:
+    """Whether the dataset lists its test images without labels (``hiddenTestLabels``)."""
+    from pipeline.data.dataset import read_dataset_json, task_paths
+    from pipeline.layout import HIDDEN_TEST_KEY
+
+    return read_dataset_json(task_paths(dataset_dir)[1]).get(HIDDEN_TEST_KEY) is True
+
+
+def _init_labels(hidden: bool, ground_truth_dir, record: dict) -> str | None:
+    """The fingerprint of the organiser's hidden labels (checked complete), or None without a folder."""
+    from pipeline.layout import ground_truth_label
+
+    if ground_truth_dir is None:
+        return None
+    if not hidden:
+        raise InputError(ground_truth_dir, "--ground-truth is for datasets with hidden test labels; this "
+                                           "dataset's own labels are the ground truth")
+    missing = [s for s in record["split"]["test"] if not ground_truth_label(ground_truth_dir, s).is_file()]
+    if missing:
+        raise InputError(ground_truth_dir, f"no hidden label for test subject(s) {', '.join(missing[:5])}")
+    return ground_truth_fingerprint(ground_truth_dir, record["split"]["test"])
+
+
+def bound_protocol(csv_path, protocol_id: str, binding: dict | None = None, write: bool = True) -> dict | None:
     """The registered record of ``protocol_id``; the first submission under an id registers
-    ``binding`` (the protocol file the submitter named), later ones are checked against it."""
+    ``binding`` (the protocol file the submitter named), later ones are checked against it.
+    ``write=False`` only checks that ``binding`` could be bound (a runner asks before it trains)."""
     record = read_registry(csv_path).get(protocol_id)
     if record is None:
         if binding is None:
             raise InputError(registry_path(csv_path), f"protocol {protocol_id!r} is not registered on this "
                                                       "leaderboard; pass --protocol FILE or run "
                                                       "`pipeline leaderboard init --protocol FILE`")
+        if not write:
+            if has_hidden_test_labels(binding["dataset_dir"]):
+                raise InputError(registry_path(csv_path), unbound_hidden(protocol_id))
+            return None
         return register_protocol(csv_path, binding)
     if binding is not None and binding["hash"] != record["hash"]:
         raise InputError(registry_path(csv_path), f"protocol {protocol_id!r} is registered with hash "
@@ -178,8 +232,16 @@ def bind_ground_truth(csv_path, protocol_id: str, ground_truth_dir=None, write: 
     return labels
 
 
-def _labels_text(labels: str) -> str:
+def _labels_text(labels: str | None) -> str:
+    if labels is None:
+        return "no labels bound yet"
     return labels if labels == DATASET_LABELS else f"hidden labels with fingerprint {labels}"
+
+
+def hides_test_labels(record) -> bool:
+    """Whether a registered protocol is scored against hidden labels: its public pages then show
+    nothing derived per test subject from them."""
+    return isinstance(record, dict) and record.get("ground_truth") not in (None, DATASET_LABELS)
 
 
 def check_provenance(run: dict, run_json: Path, run_dir: Path, record: dict) -> None:

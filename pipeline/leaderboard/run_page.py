@@ -7,10 +7,10 @@ index and the folder it is written to are :mod:`pipeline.leaderboard.site`.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from pipeline.common import is_real, read_optional_json
+from pipeline.common import is_real
+from pipeline.leaderboard.run_files import file_problem, read_run_file, read_run_json, refused_files
 from pipeline.leaderboard.webpage import esc, facts, href, html_page, html_table, missing, num, sort_key, td
 
 BASELINE_PREFIX = "flair-baseline"
@@ -25,8 +25,11 @@ def is_baseline(method) -> bool:
 
 
 def run_dir_of(row) -> Path | None:
+    """The row's run folder as submitted (stored resolved): a folder swapped for a link since is not read."""
     path = Path(str(row["run_dir"])) if str(row["run_dir"]) else None
-    return path if path is not None and path.is_dir() else None
+    if path is None or not path.is_absolute() or path.is_symlink() or not path.is_dir():
+        return None
+    return path if path.resolve() == path else None
 
 
 def paired_badge(row, metric: str) -> tuple[str, float]:
@@ -59,28 +62,28 @@ def _pair(a: str, b: str) -> str:
     return f"{a or 'n/a'} / {b or 'n/a'}"
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except OSError:
-        return False
-
-
 def _subject_files(run_dir: Path | None) -> dict[str, dict[str, Path]]:
     """Per subject: the anomaly map and the thresholded mask, where the files exist inside the run."""
     if run_dir is None:
         return {}
-    index = read_optional_json(run_dir / "scores" / "index.json")
-    entries = index.get("subjects", {}) if isinstance(index, dict) else {}
+    entries = read_run_json(run_dir, "scores/index.json").get("subjects", {})
     files = {}
     for name, item in entries.items() if isinstance(entries, dict) else ():
         found = {}
         score = (item.get("files") or {}).get("score") if isinstance(item, dict) else None
         if isinstance(score, str):
-            found["map"] = run_dir / "scores" / score
-        found["mask"] = run_dir / "evaluation" / "masks" / f"{name}_mask.nii.gz"
-        files[name] = {k: p for k, p in found.items() if p.is_file() and _inside(p, run_dir)}
+            found["map"] = f"scores/{score}"
+        found["mask"] = f"evaluation/masks/{name}_mask.nii.gz"
+        files[name] = {k: run_dir / rel for k, rel in found.items() if _own_file(run_dir, rel)}
     return files
+
+
+def _own_file(run_dir: Path, relative: str) -> bool:
+    """A regular file of the run folder (no link, nothing outside it) that exists: only such are linked."""
+    try:
+        return file_problem(run_dir, relative) is None and (run_dir / relative).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _subjects_table(subjects: dict, files: dict, fp_ml: dict, page_dir: Path) -> str:
@@ -152,11 +155,14 @@ def _code_version(row, env: dict) -> str:
     return text + (f" (environment.json: <code>{esc(other)}</code>)" if other and other != row["code_version"] else "")
 
 
-def _run_links(run_dir: Path | None, page_dir: Path) -> str:
-    names = ("run.json", "config.json", "environment.json", "evaluation/metrics.json", "evaluation/per_subject.csv",
-             "scores/index.json")
-    found = [(n, run_dir / n) for n in names if run_dir is not None and (run_dir / n).is_file()]
-    return " · ".join(f'<a href="{href(p, page_dir)}">{esc(n)}</a>' for n, p in found) or "none found"
+def _run_links(run_dir: Path | None, page_dir: Path, hidden: bool) -> str:
+    """Links to the run's own records; a hidden-label protocol's evaluation files (per-subject values) are left out."""
+    names = ("run.json", "config.json", "environment.json", "scores/index.json") + \
+        (() if hidden else ("evaluation/metrics.json", "evaluation/per_subject.csv"))
+    found = [(n, run_dir / n) for n in names if run_dir is not None and _own_file(run_dir, n)]
+    links = " · ".join(f'<a href="{href(p, page_dir)}">{esc(n)}</a>' for n, p in found) or "none found"
+    refused = refused_files(run_dir)
+    return links + (f" (not regular files of the run, not shown: {esc(', '.join(refused))})" if refused else "")
 
 
 def _summary(row, metric: str) -> list[tuple[str, str]]:
@@ -179,7 +185,7 @@ def _environment(row, env: dict) -> str:
         "<h3>Packages</h3>", _json_table(packages)])
 
 
-def _provenance(row, run_dir: Path | None, site_runs: Path) -> str:
+def _provenance(row, run_dir: Path | None, site_runs: Path, hidden: bool) -> str:
     def code(column):
         return f"<code>{esc(row[column])}</code>"
 
@@ -187,16 +193,36 @@ def _provenance(row, run_dir: Path | None, site_runs: Path) -> str:
                    ("config hash", code("config_hash")), ("protocol hash", code("protocol_hash")),
                    ("dataset fingerprint", code("dataset_fingerprint")), ("split fingerprint", code("split_fingerprint")),
                    ("run folder", code("run_dir") + ("" if run_dir else " (not found here)")),
-                   ("files", _run_links(run_dir, site_runs))])
+                   ("files", _run_links(run_dir, site_runs, hidden))])
 
 
-def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | None) -> str:
-    """One entry: numbers, report figure, per-subject table, environment, timings, config, files."""
+HIDDEN_NOTE = ("<p class=muted>This protocol's test labels are hidden: no figure derived from them per test subject "
+               "(tumour voxels, per-subject Dice / AUROC / AUPRC, false-positive ml of healthy subjects, the report "
+               "figure) is published. The organiser's copy is written beside the site, in <code>&lt;site&gt;.organiser/"
+               "</code>, never into it.</p>")
+
+
+def _subjects_section(subjects: dict, run_dir: Path | None, test, site_runs: Path, hidden: bool) -> list[str]:
+    """The per-test-subject table, or for a hidden-label protocol the note that it is withheld."""
+    if hidden:
+        return ["<h2>Per test subject</h2>", HIDDEN_NOTE]
+    fp_ml = _numbers(test.get("false_positive_ml_per_healthy_subject") if isinstance(test, dict) else None)
+    return ["<h2>Per test subject</h2>",
+            '<p class="muted small">Dice at the validation threshold, AUROC / AUPRC over the subject\'s brain voxels '
+            "(blank where undefined); FP ml: false-positive volume of a healthy subject, from the run's own "
+            "evaluation. Maps and masks are NIfTI files in the subject's original space.</p>",
+            _subjects_table(subjects, _subject_files(run_dir), fp_ml, site_runs)]
+
+
+def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | None, hidden: bool = False) -> str:
+    """One entry: numbers, report figure, per-subject table, environment, timings, config, files.
+
+    Run files are read only as regular files of the run (:mod:`pipeline.leaderboard.run_files`);
+    ``hidden``: the protocol's test labels are hidden, so nothing per test subject is shown."""
     run_dir = run_dir_of(row)
-    record, config, env, metrics = ((read_optional_json(run_dir / name) if run_dir else None) or {} for name in
+    record, config, env, metrics = (read_run_json(run_dir, name) for name in
                                     ("run.json", "config.json", "environment.json", "evaluation/metrics.json"))
     test = metrics.get("test")
-    fp_ml = _numbers(test.get("false_positive_ml_per_healthy_subject") if isinstance(test, dict) else None)
     base = ' <span class="badge b-base">baseline</span>' if is_baseline(row["method"]) else ""
     body = ['<p class="small"><a href="../index.html">&larr; leaderboard</a></p>',
             f"<h1>{esc(row['method'])}{base}</h1>",
@@ -205,29 +231,27 @@ def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | No
             "<h2>Numbers (recomputed at submission)</h2>", facts(_summary(row, metric)),
             "<h2>Report</h2>",
             f'<img class="report" src="{esc(figure)}" alt="report figure">' if figure
-            else "<p class=muted>No report figure found in the run folder.</p>",
+            else "<p class=muted>No report figure " + ("published (hidden test labels)." if hidden
+                                                        else "found in the run folder.") + "</p>",
             "<h2>Per lesion (test, at the validation threshold; the run's own evaluation)</h2>", _lesions_html(test),
-            "<h2>Per test subject</h2>",
-            '<p class="muted small">Dice at the validation threshold, AUROC / AUPRC over the subject\'s brain voxels '
-            "(blank where undefined); FP ml: false-positive volume of a healthy subject, from the run's own "
-            "evaluation. Maps and masks are NIfTI files in the subject's original space.</p>",
-            _subjects_table(subjects, _subject_files(run_dir), fp_ml, site_runs),
+            *_subjects_section(subjects, run_dir, test, site_runs, hidden),
             _environment(row, env),
             "<h2>Timings</h2>", facts([
                 ("training s", num(row["train_seconds"], ".1f")), ("scoring s", num(row["inference_seconds"], ".1f")),
                 ("run created", esc(record.get("created", ""))), ("submitted", esc(row["submitted_at"]))]),
             "<h2>Resolved config</h2>", _json_table(config or record.get("entry") or {}),
-            "<h2>Provenance</h2>", _provenance(row, run_dir, site_runs)]
+            "<h2>Provenance</h2>", _provenance(row, run_dir, site_runs, hidden)]
     return html_page(f"{row['method']} - {row['protocol_id']}", "\n".join(body))
 
 
 def copy_figure(row, tmp_runs: Path) -> str | None:
-    """Copy the run's report PNG into the site (the only copied file); its link relative to the page."""
+    """Copy the run's report PNG into the site (the only copied file; a regular file of the run, never
+    a link); its link relative to the page."""
     run_dir = run_dir_of(row)
-    source = run_dir / "evaluation" / "report.png" if run_dir else None
-    if source is None or not source.is_file():
+    data = read_run_file(run_dir, "evaluation/report.png") if run_dir else None
+    if data is None:
         return None
     target = tmp_runs / row["row_id"] / "report.png"
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    target.write_bytes(data)
     return f"{row['row_id']}/report.png"

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_dir, write_json
 from pipeline.common import read_optional_json
 from pipeline.errors import InputError
 from pipeline.leaderboard.ranking import ALPHA, ranked_table
-from pipeline.leaderboard.registry import read_registry
+from pipeline.leaderboard.registry import hides_test_labels, read_registry
+from pipeline.leaderboard.run_files import read_run_json
 from pipeline.leaderboard.run_page import LABELS, copy_figure, is_baseline, paired_badge, run_dir_of, run_html, with_ci
 from pipeline.leaderboard.submission import COMPARABLE, ROW_ID_PATTERN
 from pipeline.leaderboard.webpage import esc, html_page, html_table, missing, num, short, sort_key, td
@@ -54,8 +55,8 @@ def _protocol_description(group: pd.DataFrame, registry: dict) -> str:
         return str((record.get("content") or {}).get("description") or "")
     for _, row in group.iterrows():
         run_dir = run_dir_of(row)
-        record = read_optional_json(run_dir.parent.parent / "protocol.json") if run_dir else None
-        if isinstance(record, dict) and record.get("hash") in (None, row["protocol_hash"]):
+        record = read_run_json(run_dir.parent.parent, "protocol.json") if run_dir else None
+        if record and record.get("hash") in (None, row["protocol_hash"]):
             return str(record.get("description") or "")
     return ""
 
@@ -206,12 +207,16 @@ def _protocol_section(group: pd.DataFrame, metric: str, pages: set, same_id: boo
             + f'<div class="fig">{forest_svg(group, metric)}</div></div>\n</section>')
 
 
+def _registry(csv_path: Path) -> dict:
+    try:
+        return read_registry(csv_path)
+    except InputError:  # a damaged registry stops submissions, not the page (descriptions then come from runs)
+        return {}
+
+
 def index_html(groups: list[pd.DataFrame], csv_path: Path, metric: str, pages: set) -> str:
     ids = [str(g["protocol_id"].iloc[0]) for g in groups]
-    try:
-        registry = read_registry(csv_path)
-    except InputError:  # a damaged registry stops submissions, not the page (descriptions then come from runs)
-        registry = {}
+    registry = _registry(csv_path)
     sections = [_protocol_section(g, metric, pages, ids.count(i) > 1, registry) for g, i in zip(groups, ids)]
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     intro = (f"<h1>Leaderboard</h1>\n<p class=\"muted\">{esc(csv_path.name)}, built {now}; each protocol's entries "
@@ -241,22 +246,57 @@ def _check_out(out: Path) -> None:
         raise InputError(out, "exists and is not a leaderboard site; choose a new or empty folder")
 
 
+def organiser_out(out) -> Path:
+    """``<site>.organiser/`` beside the site: what a hidden-label protocol's pages withhold (never published)."""
+    out = Path(out)
+    return out.with_name(out.name + ".organiser")
+
+
+def _write_pages(csv_path: Path, groups: list, metric: str, tmp_runs: Path, final_runs: Path) -> tuple[set, dict]:
+    """One page per row; rows of a hidden-label protocol get no per-subject values or figure (those
+    go to the returned organiser records instead). Returns (row ids with a page, organiser records)."""
+    registry, pages, organiser = _registry(csv_path), set(), {}
+    for group in groups:
+        hidden = hides_test_labels(registry.get(str(group["protocol_id"].iloc[0])))
+        for _, row in group[[_has_page(r) for _, r in group.iterrows()]].iterrows():
+            subjects = _sidecar(csv_path, row["row_id"])
+            figure = None if hidden else copy_figure(row, tmp_runs)
+            page = run_html(row, metric, {} if hidden else subjects, final_runs, figure, hidden)
+            (tmp_runs / f"{row['row_id']}.html").write_text(page, encoding="utf-8")
+            pages.add(row["row_id"])
+            if hidden:
+                test = read_run_json(run_dir_of(row), "evaluation/metrics.json").get("test")
+                organiser[row["row_id"]] = {
+                    "row_id": row["row_id"], "method": row["method"], "protocol_id": row["protocol_id"],
+                    "run_dir": row["run_dir"], "subjects": subjects,
+                    "false_positive_ml_per_healthy_subject": (test or {}).get("false_positive_ml_per_healthy_subject")
+                    if isinstance(test, dict) else None}
+    return pages, organiser
+
+
+def _write_organiser(out: Path, records: dict) -> None:
+    """The withheld per-subject values, one JSON per row, in a folder replaced whole like the site."""
+    folder = organiser_out(out)
+    _check_out(folder)
+    with atomic_dir(folder) as tmp:
+        (tmp / MARKER).write_text("organiser's copy of what the public leaderboard site withholds; do not publish\n")
+        for row_id, record in records.items():
+            write_json(tmp / f"{row_id}.json", record)
+
+
 def build_site(csv_path, out=None, metric: str = "auprc") -> Path:
-    """Write the static site for ``csv_path`` into ``out`` (default :func:`default_out`); returns index.html."""
+    """Write the static site for ``csv_path`` into ``out`` (default :func:`default_out`); returns index.html.
+    Per-subject values of hidden-label protocols go to :func:`organiser_out` instead."""
     csv_path = Path(csv_path)
     out = Path(out) if out is not None else default_out(csv_path)
     _check_out(out)
+    _check_out(organiser_out(out))
     groups = _groups(ranked_table(csv_path, metric=metric))
-    final_runs = out.resolve() / "runs"
     with atomic_dir(out) as tmp:
         (tmp / MARKER).write_text("written by pipeline.leaderboard.site; the whole folder is replaced on every rebuild\n")
         (tmp / "runs").mkdir()
-        pages = set()
-        for group in groups:
-            for _, row in group[[_has_page(r) for _, r in group.iterrows()]].iterrows():
-                figure = copy_figure(row, tmp / "runs")
-                page = run_html(row, metric, _sidecar(csv_path, row["row_id"]), final_runs, figure)
-                (tmp / "runs" / f"{row['row_id']}.html").write_text(page, encoding="utf-8")
-                pages.add(row["row_id"])
+        pages, organiser = _write_pages(csv_path, groups, metric, tmp / "runs", out.resolve() / "runs")
         (tmp / "index.html").write_text(index_html(groups, csv_path, metric, pages), encoding="utf-8")
+        if organiser:
+            _write_organiser(out, organiser)
     return out / "index.html"

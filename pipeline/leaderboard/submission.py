@@ -52,6 +52,7 @@ from pipeline.errors import InputError
 from pipeline.evaluation.metrics import METRICS, pixel_metrics
 from pipeline.leaderboard.registry import (bind_ground_truth, bound_protocol, check_provenance, field, locked,
                                            registry_path)
+from pipeline.leaderboard.run_files import check_run_files
 
 if TYPE_CHECKING:  # evaluate imports MONAI: loaded only when a submission is evaluated
     from pipeline.evaluation.evaluate import Evaluation
@@ -167,6 +168,7 @@ def _check_run_dir(run_dir) -> Path:
     scores = (path / "scores").resolve()
     if not scores.is_relative_to(path):
         raise InputError(path / "scores", f"scores folder leaves the run folder (-> {scores})")
+    check_run_files(path)
     return path
 
 
@@ -304,6 +306,24 @@ def _refuse_duplicates(csv_path: Path, rows: list[list[str]], cells: list[str], 
         if row.get("maps_hash") and [old[i] for i in same_maps] == [cells[i] for i in same_maps]:
             raise InputError(csv_path, f"the test maps of {row['method']} are identical to those of "
                                        f"{old[COLUMNS.index('method')]} (row {old[0]}) already on the leaderboard")
+
+
+RUN_KEY = {"method": "method", "protocol_hash": "protocol.hash", "dataset_fingerprint": "dataset.fingerprint",
+           "split_fingerprint": "split.fingerprint", "config_hash": "config_hash", "seed": "seed",
+           "code_version": "code_version"}
+"""Where each column of :data:`DUPLICATE_KEY` sits in a run's ``run.json``."""
+
+
+def on_leaderboard(csv_path, run_dir) -> bool:
+    """Whether the run's row has landed: a row equal on :data:`DUPLICATE_KEY` (the row a new
+    submission of this run would be refused as a repeat of)."""
+    csv_path, run_json = Path(csv_path), Path(run_dir) / "run.json"
+    if not csv_path.is_file():
+        return False
+    run = read_json(run_json, "run record")
+    cells = [_cell(c, field(run, RUN_KEY[c], run_json), run_json) for c in DUPLICATE_KEY]
+    key = [COLUMNS.index(c) for c in DUPLICATE_KEY]
+    return any([old[i] for i in key] == cells for old in _read_rows(csv_path))
 
 
 def append_row(csv_path, row: dict) -> None:
