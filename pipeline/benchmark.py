@@ -38,10 +38,10 @@ from pipeline.scoring.maps import read_index
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
 MATRIX_KEYS = ("noise", "coarse_resolution", "prediction_type", "schedule", "learning_rate", "batch_size", "train_steps", "ema_decay",
                "train_patch_size", "condition_dropout", "sampler", "t_start", "ddim_steps", "n_draws", "patch_size",
-               "guidance_scale", "residual_norm", "median_3d", "min_component_voxels", "map_norm", "residual_smooth", "seed")
+               "guidance_scale", "residual_norm", "median_3d", "min_component_voxels", "map_norm", "residual_smooth", "residual_sign", "seed")
 SCORE_KEYS = ("sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "guidance_scale", "score_batch_size",
               "map_reduce", "residual_norm", "erode_iters", "median_size", "median_3d", "min_component_voxels",
-              "component_quantile", "map_norm", "residual_smooth")
+              "component_quantile", "map_norm", "residual_smooth", "residual_sign")
 """Bundle settings that change only how a trained model scores: entries differing only in these share a model."""
 ENTRY_KEYS = ("name", "id")
 PACKAGES = ("torch", "monai", "numpy", "nibabel", "scikit-learn", "pandas", "opensimplex", "numba",

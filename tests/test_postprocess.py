@@ -244,3 +244,23 @@ def test_smoothing_the_signed_residual_cancels_noise_and_keeps_a_lesion():
     assert torch.equal(smooth_signed(noise, 1), noise)
     with pytest.raises(InputError, match="residual_smooth"):
         ScoreSettings(residual_smooth=2)
+
+
+def test_positive_residual_sign_keeps_tissue_brighter_than_its_reconstruction_only():
+    """residual_sign positive: a bright lesion the model healed scores its full difference, a dark
+    patch it healed (a bias dip, partial volume) scores 0; ``abs`` scores both."""
+    scheduler = make_scheduler(prediction_type="sample")
+    healthy = torch.full((1, 2, 16, 16), 0.5)
+    x = healthy.clone()
+    x[:, :, 2:6, 2:6] = 0.9    # brighter than healthy: a FLAIR/T2 lesion
+    x[:, :, 10:14, 10:14] = 0.2  # darker than healthy
+    for sign, dark in (("abs", 0.3), ("positive", 0.0)):
+        scorer = Scorer(Oracle(scheduler, healthy), scheduler, make_noise("gaussian", seed=1),
+                        ScoreSettings(sampler="x0", t_start=100, residual_sign=sign))
+        residual, recon = reconstruct(scorer, x, noise_streams(scorer, "s"))
+        torch.testing.assert_close(recon, healthy)
+        torch.testing.assert_close(residual[:, :, 2:6, 2:6], torch.full((1, 2, 4, 4), 0.4))
+        torch.testing.assert_close(residual[:, :, 10:14, 10:14], torch.full((1, 2, 4, 4), dark))
+        assert float(residual[:, :, 7:9].abs().max()) < 1e-6
+    with pytest.raises(InputError, match="residual_sign"):
+        ScoreSettings(residual_sign="negative")

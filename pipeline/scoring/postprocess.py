@@ -66,6 +66,12 @@ def smooth_signed(difference: torch.Tensor, size: int = 1) -> torch.Tensor:
     return F.avg_pool2d(difference, size, stride=1, padding=size // 2, count_include_pad=False)
 
 
+def rectify(difference: torch.Tensor, sign: str = "abs") -> torch.Tensor:
+    """Signed difference x - recon -> residual: its size (``abs``), or only where the input is brighter than
+    the reconstruction (``positive``: hyperintense lesions; a dark artefact the model "heals" scores 0)."""
+    return difference.abs() if sign == "abs" else difference.clamp_min(0)
+
+
 def median_filter(maps: torch.Tensor, size: int = 3) -> torch.Tensor:
     """Per-slice median filter of (B, 1, H, W) maps (edge-replicated), vectorised over the batch.
 

@@ -42,7 +42,7 @@ from pipeline.scoring.guided import guided_reconstruct
 from pipeline.scoring.maps import (SubjectScore, axial_slices, invert_to_original, merge_shards, preprocess_subject,
                                    save_subject, to_volume, write_index)
 from pipeline.scoring.postprocess import (HealthyResidualStats, erode, map_from_residual, postprocess_volume,
-                                          smooth_signed,
+                                          rectify, smooth_signed,
                                           reduce_channels)
 from pipeline.scoring.samplers import Model, ddim_reconstruct, ddpm_reconstruct, patched_reconstruct, x0_reconstruct
 from pipeline.scoring.settings import ScoreSettings
@@ -83,8 +83,8 @@ def noise_streams(scorer: Scorer, key: str) -> list[tuple[int, NoiseGenerator, t
 def reconstruct(scorer: Scorer, x: torch.Tensor, streams) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-channel residual |x - recon| averaged over noise levels and draws, mean reconstruction).
 
-    With ``residual_smooth`` k > 1 the signed difference is averaged over k x k pixels before its absolute
-    value (:func:`pipeline.scoring.postprocess.smooth_signed`).
+    With ``residual_smooth`` k > 1 the signed difference is averaged over k x k pixels before it is rectified
+    (:func:`pipeline.scoring.postprocess.smooth_signed`); ``residual_sign: positive`` keeps only x > recon.
 
     ``streams`` comes from :func:`noise_streams`. The baseline "reconstructs" its FLAIR channel as
     black: its residual is the FLAIR intensity itself.
@@ -97,7 +97,7 @@ def reconstruct(scorer: Scorer, x: torch.Tensor, streams) -> tuple[torch.Tensor,
     residual, recon_sum = torch.zeros_like(x), torch.zeros_like(x)
     for t, noise, generator in streams:
         recon = sampler(scorer.model, x, t, scorer.scheduler, noise, settings, generator)
-        residual += smooth_signed(x - recon, settings.residual_smooth).abs()
+        residual += rectify(smooth_signed(x - recon, settings.residual_smooth), settings.residual_sign)
         recon_sum += recon
     return residual / len(streams), recon_sum / len(streams)
 

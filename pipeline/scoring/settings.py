@@ -21,6 +21,7 @@ the samplers; a test checks the two agree)."""
 REDUCTIONS = ("max", "mean")
 RESIDUAL_NORMS = ("none", "position", "intensity")
 MAP_NORMS = ("none", "subject")
+RESIDUAL_SIGNS = ("abs", "positive")
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -42,7 +43,9 @@ class ScoreSettings:
     ``t_start``: one noise level or several (a t_L ensemble: residuals averaged over levels and
     ``n_draws`` noise draws). ``residual_smooth``: a k x k mean of the signed residual x - recon before its
     absolute value (1 = off): image noise the model does not reproduce averages out, a lesion's coherent
-    difference does not. Map: channel residuals -> optional healthy-residual z-score
+    difference does not. ``residual_sign``: ``abs`` counts |x - recon|; ``positive`` only x - recon > 0, tissue
+    brighter than the healthy reconstruction (the hyperintensity prior of Baur et al., MedIA 2021: tumour and
+    edema are bright in FLAIR and T2; darker-than-healthy residuals of bias and partial volume are dropped). Map: channel residuals -> optional healthy-residual z-score
     (``residual_norm``) -> reduce over channels -> eroded brain mask -> 2D median -> 3D median
     (``median_3d``, 1 = off) -> small components (< ``min_component_voxels``) above the
     ``component_quantile`` of healthy validation maps clamped away -> optional per-subject
@@ -65,6 +68,7 @@ class ScoreSettings:
     component_quantile: float = 0.99
     map_norm: str = "none"
     residual_smooth: int = 1
+    residual_sign: str = "abs"
     guidance_scale: float = 3.0
 
     def __post_init__(self):
@@ -91,6 +95,9 @@ class ScoreSettings:
         if self.residual_norm not in RESIDUAL_NORMS:
             raise InputError("residual_norm", f"unknown normalisation {self.residual_norm!r}; "
                                               f"choose one of {', '.join(RESIDUAL_NORMS)}")
+        if self.residual_sign not in RESIDUAL_SIGNS:
+            raise InputError("residual_sign", f"unknown residual sign {self.residual_sign!r}; "
+                                              f"choose one of {', '.join(RESIDUAL_SIGNS)}")
         if self.map_norm not in MAP_NORMS:
             raise InputError("map_norm", f"unknown map normalisation {self.map_norm!r}; choose one of {', '.join(MAP_NORMS)}")
         if not 0 < float(self.component_quantile) < 1:
