@@ -39,7 +39,7 @@ def _cmd_init(args) -> None:
     from pipeline.leaderboard.registry import register_protocol, registry_path
 
     record = register_protocol(args.leaderboard, _protocol_binding(args.protocol, args.set),
-                               ground_truth_dir=args.ground_truth)
+                               ground_truth_dir=args.ground_truth, review_ceiling=args.review_ceiling)
     print(f"{registry_path(args.leaderboard)}: protocol {record['id']} (hash {record['hash'][:12]}, dataset "
           f"{record['dataset_fingerprint']}, {len(record['split']['test'])} test subjects)")
 
@@ -91,6 +91,8 @@ def add_leaderboard_commands(sub) -> None:
     leaderboard_option(q)
     _ground_truth_option(q, "organiser's folder with the hidden test labels: a hidden-label dataset's protocol "
                             "is bound only with them")
+    q.add_argument("--review-ceiling", type=float, default=None, metavar="AUPRC",
+                   help="test AUPRC at or above which rows are held as 'needs review', not ranked (default 0.99)")
     q = add_command(actions, "submit", _cmd_submit, "recompute a run's metrics from its maps and append it")
     q.add_argument("run_dir")
     q.add_argument("--protocol", default=None, help="protocol file; needed only for the first submission under "

@@ -27,6 +27,8 @@ from pipeline.atomic import atomic_path
 from pipeline.common import read_optional_json
 from pipeline.errors import InputError
 from pipeline.evaluation.metrics import METRICS
+from pipeline.leaderboard.clones import NEEDS_REVIEW, review_status
+from pipeline.leaderboard.registry import read_registry
 from pipeline.leaderboard.submission import COMPARABLE, ROW_ID_PATTERN, SUPERVISION, read_leaderboard, subjects_dir
 
 ALPHA = 0.05
@@ -61,20 +63,33 @@ def ranked_table(csv_path, protocol_id=None, metric: str = "auprc") -> pd.DataFr
     entry, the paired test against the best entry sharing its protocol, dataset and split:
     ``top_row_id`` (the entry compared with; its own id for a top entry), ``diff_vs_top`` (mean
     per-subject top - entry), ``p_vs_top``, ``paired_subjects`` and ``differs_from_top``
-    (p < 0.05; None for a top entry and where no test is possible)."""
+    (p < 0.05; None for a top entry and where no test is possible). ``status``: ``needs review`` for a row
+    whose test AUPRC reaches its protocol's review ceiling (:mod:`pipeline.leaderboard.clones`); such rows
+    come last, get no rank and are never the top entry others are tested against."""
     if metric not in METRICS:
         raise InputError("metric", f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     df = read_leaderboard(csv_path)
     if protocol_id is not None:
         df = df[df["protocol_id"] == protocol_id]
-    df = df.sort_values([metric, "submitted_at"], ascending=[False, True], kind="stable", na_position="last")
-    df = df.reset_index(drop=True)
-    df.insert(0, "rank", df.groupby(list(COMPARABLE), sort=False).cumcount() + 1)  # within comparable rows
+    try:
+        registry = read_registry(csv_path)
+    except InputError:  # a damaged registry stops submissions, not the table: the default ceiling holds
+        registry = {}
+    df["status"] = [review_status(row["auprc"], (registry.get(row["protocol_id"]) or {}).get("review_ceiling"))
+                    for _, row in df.iterrows()]
+    df["_held"] = df["status"] == NEEDS_REVIEW
+    df = df.sort_values(["_held", metric, "submitted_at"], ascending=[True, False, True], kind="stable",
+                        na_position="last").reset_index(drop=True)
+    rank = df.groupby(list(COMPARABLE), sort=False).cumcount() + 1  # within comparable rows; held rows sort last
+    df.insert(0, "rank", rank.where(~df["_held"]).astype("Int64"))
     folder = subjects_dir(csv_path)
     subjects = {rid: _load_subjects(folder, rid) for rid in df["row_id"]}
     tops: dict[tuple, str] = {}
     tests = []
     for _, row in df.iterrows():
+        if row["_held"]:
+            tests.append((None, math.nan, math.nan, 0, None))
+            continue
         top = tops.setdefault(tuple(row[c] for c in COMPARABLE), row["row_id"])
         a, b = subjects[top], subjects[row["row_id"]]
         if top == row["row_id"] or a is None or b is None:
@@ -85,7 +100,7 @@ def ranked_table(csv_path, protocol_id=None, metric: str = "auprc") -> pd.DataFr
     cols = ["top_row_id", "diff_vs_top", "p_vs_top", "paired_subjects", "differs_from_top"]
     for i, col in enumerate(cols):
         df[col] = pd.Series([t[i] for t in tests], index=df.index, dtype=object if col == "differs_from_top" else None)
-    return df
+    return df.drop(columns="_held")
 
 
 # ----------------------------------------------------------------------------- display
@@ -101,6 +116,8 @@ def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
         return "" if pd.isna(x) else format(x, spec)
 
     def differs(row):
+        if row["status"] == NEEDS_REVIEW:
+            return NEEDS_REVIEW
         if row["top_row_id"] == row["row_id"]:
             return "top"
         if row["differs_from_top"] is None:
@@ -109,7 +126,7 @@ def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 
     rows = [r for _, r in table.iterrows()]
     return pd.DataFrame({
-        "rank": table["rank"].astype(str), "method": table["method"],
+        "rank": ["review" if pd.isna(r) else str(r) for r in table["rank"]], "method": table["method"],
         "supervision": table["supervision"].map(lambda v: v or SUPERVISION[0]),
         "test n": table["test_subjects"].map(lambda n: "" if pd.isna(n) else str(int(n))),
         f"{metric} [95% CI]": [f"{num(r[metric])} [{num(r[metric + '_ci_low'])}, {num(r[metric + '_ci_high'])}]"

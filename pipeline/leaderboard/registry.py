@@ -25,7 +25,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from pipeline.atomic import write_json
-from pipeline.common import SECTIONS, read_json
+from pipeline.common import SECTIONS, is_real, read_json
 from pipeline.errors import InputError
 
 LOCK_TIMEOUT_S = 300
@@ -119,14 +119,19 @@ def _same_binding(old: dict, new: dict) -> bool:
     return all(old[k] == new[k] for k in ("hash", "dataset_fingerprint", "split_fingerprint"))
 
 
-def register_protocol(csv_path, binding: dict, ground_truth_dir=None) -> dict:
+def register_protocol(csv_path, binding: dict, ground_truth_dir=None, review_ceiling: float | None = None) -> dict:
     """Bind the leaderboard to a protocol (``pipeline leaderboard init``); returns the record.
 
     Registering the same protocol, data and split again is a no-op; another hash, data, split or
     labels under a registered id is refused (a new protocol needs a new id). A dataset with hidden
     test labels is bound only together with them (``ground_truth_dir``, the organiser's folder), so a
-    participant's first submission can never claim its id."""
+    participant's first submission can never claim its id. ``review_ceiling``: the test AUPRC at or above
+    which rows are held for review (:mod:`pipeline.leaderboard.clones`; set or changed by the organiser here)."""
     record = protocol_record(binding)
+    if review_ceiling is not None:
+        if not is_real(review_ceiling) or not 0 < float(review_ceiling) <= 1:
+            raise InputError("review_ceiling", f"must be a number in (0, 1], got {review_ceiling!r}")
+        record["review_ceiling"] = float(review_ceiling)
     hidden = has_hidden_test_labels(binding["dataset_dir"])
     labels = _init_labels(hidden, ground_truth_dir, record)
     path = registry_path(csv_path)
@@ -144,6 +149,10 @@ def register_protocol(csv_path, binding: dict, ground_truth_dir=None) -> dict:
                                    f"{old['hash'][:12]}, dataset {old['dataset_fingerprint']}, split "
                                    f"{old['split_fingerprint'][:12]} and {_labels_text(old.get('ground_truth'))}; "
                                    "this protocol differs (give it a new id)")
+        if review_ceiling is not None and old.get("review_ceiling") != record["review_ceiling"]:
+            old = {**old, "review_ceiling": record["review_ceiling"]}
+            registry = {**registry, record["id"]: old}
+            write_json(path, registry)
         if labels is not None and old.get("ground_truth") is None:
             write_json(path, {**registry, record["id"]: {**old, "ground_truth": labels}})
     return old

@@ -34,6 +34,9 @@ def run_dir_of(row) -> Path | None:
 
 def paired_badge(row, metric: str) -> tuple[str, float]:
     """The paired-test verdict as a coloured badge, and a sort key (top first, untested last)."""
+    if row.get("status") == "needs review":
+        return ('<span class="badge b-na" title="test AUPRC at or above the review ceiling: held until the organiser '
+                'has looked at it">needs review</span>', 3.0)
     if row["top_row_id"] == row["row_id"]:
         return '<span class="badge b-top" title="best entry of this protocol">top</span>', -1.0
     if row["differs_from_top"] is None or missing(row["p_vs_top"]):

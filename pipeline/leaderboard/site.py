@@ -21,6 +21,7 @@ import pandas as pd
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.common import read_optional_json
 from pipeline.errors import InputError
+from pipeline.leaderboard.clones import NEEDS_REVIEW
 from pipeline.leaderboard.ranking import ALPHA, ranked_table
 from pipeline.leaderboard.registry import hides_test_labels, read_registry
 from pipeline.leaderboard.run_files import read_run_json
@@ -37,11 +38,13 @@ FOREST_METRICS = ("auprc", "auroc", "dice")
 
 
 def _groups(table: pd.DataFrame) -> list[pd.DataFrame]:
-    """Entries that saw the same patients (protocol id and hash, dataset, split), each ranked 1..n."""
+    """Entries that saw the same patients (protocol id and hash, dataset, split), each ranked 1..n; rows held
+    for review (:mod:`pipeline.leaderboard.clones`) come last, ranked ``review``."""
     groups = []
     for _, group in table.groupby(list(COMPARABLE), sort=False, dropna=False):
         group = group.copy()
-        group["rank"] = range(1, len(group) + 1)
+        held = (group["status"] == NEEDS_REVIEW).to_numpy()
+        group["rank"] = ["review" if h else int(i) for h, i in zip(held, (~held).cumsum())]
         groups.append(group)
     return sorted(groups, key=lambda g: (str(g["protocol_id"].iloc[0]), str(g["protocol_hash"].iloc[0])))
 
@@ -179,7 +182,7 @@ def _index_row(row, metric: str, pages: set) -> str:
     if isinstance(supervision, str) and supervision not in ("", "unsupervised"):  # never ranked unmarked
         name += f' <span class="badge" title="learnt from labels">{esc(supervision.lstrip(chr(39)))}</span>'
     badge, key = paired_badge(row, metric)
-    cells = [td(str(row["rank"]), row["rank"]), td(name, row["method"], "t"),
+    cells = [td(str(row["rank"]), row["rank"] if row["rank"] != "review" else 10**6), td(name, row["method"], "t"),
              *(td(with_ci(row, m, "<br>"), sort_key(row[m])) for m in ("auprc", "auroc", "dice")),
              td(num(row["subject_auroc"]), sort_key(row["subject_auroc"])),
              td(num(row["fp_ml_healthy"], ".2f"), sort_key(row["fp_ml_healthy"])),

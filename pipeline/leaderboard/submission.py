@@ -11,7 +11,8 @@ under that id must carry the same protocol hash, the registered data (unchanged 
 and maps that cover exactly the registered validation and test subjects (a run cannot drop hard
 test patients). Map paths must stay inside the run's ``scores/`` folder and maps must sit on their
 image's grid (:func:`pipeline.evaluation.evaluate.checked_index`); the same test maps under another name are
-a duplicate (``maps_hash``). With ``ground_truth_dir`` the test labels come from a folder that
+a duplicate (``maps_hash``), and so are maps that rank the voxels as an earlier row's do
+(:mod:`pipeline.leaderboard.clones`). With ``ground_truth_dir`` the test labels come from a folder that
 participants never receive, as on challenge platforms.
 
 The CSV (one row per submission, columns :data:`COLUMNS`). Appends go through :func:`append_row`
@@ -50,6 +51,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.common import is_int, is_real, read_json
 from pipeline.errors import InputError
 from pipeline.evaluation.metrics import METRICS, pixel_metrics
+from pipeline.leaderboard.clones import CLONE_SPEARMAN, RankSample, copied_row, write_sample
 from pipeline.leaderboard.registry import (bind_ground_truth, bound_protocol, check_provenance, field, locked,
                                            registry_path)
 from pipeline.leaderboard.run_files import check_run_files
@@ -236,9 +238,14 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
         _cell(column, value, run_json)
     check_provenance(run, run_json, run_dir, record)
 
-    maps = MapsHash()
+    maps, ranks = MapsHash(), RankSample()
+
+    def visit(name, data, threshold):
+        maps.add(name, data, threshold)
+        ranks.add(name, data, threshold)
+
     result = compute_metrics(record["dataset_dir"], run_dir / "scores", row["method"], n_boot=n_boot, seed=seed,
-                             progress=False, ground_truth_dir=ground_truth_dir or None, on_test_subject=maps.add)
+                             progress=False, ground_truth_dir=ground_truth_dir or None, on_test_subject=visit)
     metrics, test = result.metrics, result.metrics["test"]
 
     for m in METRICS:
@@ -247,8 +254,8 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
     row.update({column: field(metrics, dotted, run_dir) for column, dotted in ADDED_COLUMNS.items()})
     row.update(dice_oracle=test["dice_oracle"], test_subjects=test["subjects"], n_boot=n_boot,
                maps_hash=maps.hexdigest(), submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               subjects=_per_subject(result))
-    return {c: row[c] for c in [*COLUMNS, "subjects"]}
+               subjects=_per_subject(result), rank_sample=ranks.values())
+    return {c: row[c] for c in [*COLUMNS, "subjects", "rank_sample"]}
 
 
 # ----------------------------------------------------------------------------- writing
@@ -290,9 +297,10 @@ def _remove_dead_writers_files(csv_path: Path, rows: list[list[str]]) -> None:
     folder = subjects_dir(csv_path)
     if folder.is_dir():
         landed = {r[0] for r in rows}
-        for path in folder.iterdir():
-            committed = ROW_ID_PATTERN.fullmatch(path.stem) and path.suffix == ".json" and path.stem in landed
-            if not committed and (path.name.startswith(".") or ROW_ID_PATTERN.fullmatch(path.stem)):
+        for path in folder.iterdir():  # <row_id>.json and <row_id>.ranks.npy
+            row_id = path.name.split(".", 1)[0]
+            ours = ROW_ID_PATTERN.fullmatch(row_id) and path.name in (f"{row_id}.json", f"{row_id}.ranks.npy")
+            if path.name.startswith(".") or (ours and row_id not in landed):
                 path.unlink(missing_ok=True)
 
 
@@ -306,6 +314,14 @@ def _refuse_duplicates(csv_path: Path, rows: list[list[str]], cells: list[str], 
         if row.get("maps_hash") and [old[i] for i in same_maps] == [cells[i] for i in same_maps]:
             raise InputError(csv_path, f"the test maps of {row['method']} are identical to those of "
                                        f"{old[COLUMNS.index('method')]} (row {old[0]}) already on the leaderboard")
+    if row.get("rank_sample") is not None:
+        protocol = COLUMNS.index("protocol_hash")
+        earlier = [(old[0], old[COLUMNS.index("method")]) for old in rows if old[protocol] == cells[protocol]]
+        copy = copied_row(subjects_dir(csv_path), row["rank_sample"], earlier)
+        if copy is not None:
+            raise InputError(csv_path, f"the test maps of {row['method']} rank voxels as those of {copy[1]} (row "
+                                       f"{copy[0]}) do (Spearman {copy[2]:.6f} >= {CLONE_SPEARMAN}): a monotone "
+                                       "transform of an entry already on the leaderboard")
 
 
 RUN_KEY = {"method": "method", "protocol_hash": "protocol.hash", "dataset_fingerprint": "dataset.fingerprint",
@@ -335,6 +351,8 @@ def append_row(csv_path, row: dict) -> None:
         rows = _read_rows(csv_path)
         _remove_dead_writers_files(csv_path, rows)
         _refuse_duplicates(csv_path, rows, cells, row)
+        if row.get("rank_sample") is not None:
+            write_sample(subjects_dir(csv_path), row["row_id"], row["rank_sample"])
         if row.get("subjects") is not None:
             write_json(subjects_dir(csv_path) / f"{row['row_id']}.json",
                        {"row_id": row["row_id"], "method": row["method"], "subjects": row["subjects"]})
