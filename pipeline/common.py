@@ -63,7 +63,10 @@ def confined_path(folder: Path, relative: str, source, what: str, folder_name: s
         raise InputError(source, f"{what} {relative!r} is an absolute path; paths must be relative to the {folder_name}")
     if ".." in path.parts:
         raise InputError(source, f"{what} {relative!r} contains '..'; paths must stay inside the {folder_name}")
-    resolved = (folder / path).resolve()
+    try:
+        resolved = (folder / path).resolve()
+    except (RuntimeError, OSError) as err:  # Python raises RuntimeError on a symlink loop
+        raise InputError(source, f"{what} {relative!r} cannot be resolved ({err})") from None
     if not resolved.is_relative_to(Path(folder).resolve()):
         raise InputError(source, f"{what} {relative!r} leaves the {folder_name} through a symlink (-> {resolved})")
     return resolved

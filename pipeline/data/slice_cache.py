@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.common import read_json
 from pipeline.data.dataset import PreprocessConfig, dataset_fingerprint, load_subjects
-from pipeline.data.transforms import CheckBrainMRId, describe_failure, preprocess_transforms
+from pipeline.data.transforms import CheckBrainMRId, CheckHeadersd, describe_failure, preprocess_transforms
 from pipeline.errors import InputError
 
 CACHE_SECTIONS = ("train", "validation")
@@ -174,7 +174,8 @@ class _Checked(_Subjects):
     def __getitem__(self, i):
         item = self.items[i]
         keys = ["image", "label"] if item.get("label") else ["image"]
-        check = Compose([LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys),
+        check = Compose([CheckHeadersd("image", "label" if item.get("label") else None),
+                         LoadImaged(keys, reader="NibabelReader", image_only=True), EnsureChannelFirstd(keys),
                          CheckBrainMRId("image", "label" if item.get("label") else None)])
         try:
             check(dict(item))

@@ -31,15 +31,72 @@ MEDIAN_CLIP = 4.0
 # checks on single files
 
 
+MAX_VOXELS = 2**30
+"""Most values (voxels times channels) a header may claim: 4 GiB as float32; an MSD Task01 image has 36 M."""
+DEFLATE_MAX_RATIO = 1032
+"""Deflate (gzip) cannot compress better than about 1032:1, so a .nii.gz of n bytes holds at most 1032 n."""
+AFFINE_TOLERANCE_MM = 0.01
+"""How far a label's voxel-to-world matrix may differ from its image's (and a map's, in evaluation)."""
+
+
+def check_header(path: str | os.PathLike, what: str = "image"):
+    """Open a NIfTI's header only and refuse, in one line, what reading it would fail on late or at great cost:
+    a claimed size over :data:`MAX_VOXELS` or more than the file can hold, and a degenerate affine.
+    Returns the (lazy) nibabel image."""
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as err:  # nibabel raises several unrelated types for non-NIfTI input
+        raise InputError(path, f"not a readable NIfTI {what} ({type(err).__name__}: {err})") from None
+    shape = tuple(int(n) for n in img.shape)
+    values = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if values > MAX_VOXELS:
+        raise InputError(path, f"header claims a {what} of shape {shape} ({values:,} values), over the limit of {MAX_VOXELS:,}")
+    data_bytes = values * img.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if path.name.endswith(".gz"):
+        if size * DEFLATE_MAX_RATIO < data_bytes:
+            raise InputError(path, f"header claims {data_bytes:,} bytes of voxel data (shape {shape}), more than a "
+                                   f"{size:,}-byte gzip file can hold")
+    elif size < int(img.dataobj.offset) + data_bytes:
+        raise InputError(path, f"truncated: header claims {data_bytes:,} bytes of voxel data (shape {shape}), "
+                               f"the file has {size:,} bytes")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(path, f"degenerate affine (zero, singular or non-finite voxel-to-world matrix) in the "
+                               f"{what}'s header")
+    return img
+
+
+class CheckHeadersd(MapTransform):
+    """Before any voxel is read: both headers sane (:func:`check_header`) and the label on its image's grid
+    (same spatial shape, affines within :data:`AFFINE_TOLERANCE_MM`), so a shifted or mis-written label
+    never trains or scores silently."""
+
+    def __init__(self, image_key: str = "image", label_key: str | None = "label"):
+        super().__init__([k for k in (image_key, label_key) if k])
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data):
+        image = check_header(data[self.image_key], "image")
+        if self.label_key and data.get(self.label_key):
+            label = check_header(data[self.label_key], "label")
+            if tuple(label.shape[:3]) != tuple(image.shape[:3]):
+                raise InputError(data[self.label_key], f"label shape {tuple(label.shape)} does not match the image "
+                                                       f"grid {tuple(image.shape[:3])} of {data[self.image_key]}")
+            worst = float(np.abs(np.asarray(label.affine) - np.asarray(image.affine)).max())
+            if worst > AFFINE_TOLERANCE_MM:
+                raise InputError(data[self.label_key], f"label affine differs from that of {data[self.image_key]} "
+                                                       f"by up to {worst:.3g} (shifted, flipped or resampled label)")
+        return dict(data)
+
+
 def check_nifti(path: str | os.PathLike, ndim: int, channels: int | None = None) -> None:
     """Read one NIfTI fully and raise a one-line :class:`InputError` for whatever is wrong."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file does not exist")
-    try:
-        img = nib.load(str(path))
-    except Exception as err:  # nibabel raises several unrelated types for non-NIfTI input
-        raise InputError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    img = check_header(path, "file")
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
     if len(img.shape) != ndim:
@@ -256,6 +313,7 @@ def preprocess_transforms(cfg: PreprocessConfig, with_label: bool = True) -> Com
     resize_modes = {"image": "bilinear", "label": "nearest", "brain": "bilinear", "tumour": "area"}
     size = int(cfg.image_size)
     return Compose([
+        CheckHeadersd("image", "label" if with_label else None),
         LoadImaged(keys, reader="NibabelReader", image_only=True),
         EnsureChannelFirstd(keys),
         CheckBrainMRId("image", "label" if with_label else None),

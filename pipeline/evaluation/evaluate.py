@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.common import BASELINE, confined_path, save_nifti
 from pipeline.data.dataset import has_hidden_label, load_subjects
+from pipeline.data.transforms import AFFINE_TOLERANCE_MM, check_header  # a map sits on its image's grid too
 from pipeline.errors import InputError
 from pipeline.evaluation.lesions import LesionCounter, csv_columns
 from pipeline.evaluation.metrics import auroc
@@ -50,6 +51,7 @@ def _read(path: Path, what: str, read: Callable[[nib.Nifti1Image], np.ndarray]) 
     """``read(image)`` and the affine of a NIfTI file; a missing or broken file names itself."""
     if not path.is_file():
         raise InputError(path, f"{what} not found")
+    check_header(path, what)  # a claimed size the file cannot hold, a degenerate affine: before any voxel
     try:
         img = nib.load(str(path), keep_file_open=True)  # one pass through a .gz read in parts
         return read(img), img.affine
@@ -71,8 +73,6 @@ def _brain(img: nib.Nifti1Image) -> np.ndarray:
     return brain
 
 
-AFFINE_TOLERANCE_MM = 0.01
-"""A map must sit on its image's grid: affines may differ by float32 storage only."""
 
 
 def load_subject_maps(item: dict, score_path: Path) -> dict:

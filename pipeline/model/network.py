@@ -44,13 +44,23 @@ def diffusion_unet(
         raise InputError("attention_levels", f"needs one entry per level ({len(channels)}), got {list(attention_levels)}")
     bad = [c for c in channels if c % norm_num_groups]
     if bad:
-        raise InputError("channels", f"{bad} not divisible by norm_num_groups={norm_num_groups}")
-    return DiffusionModelUNet(
-        spatial_dims=2, in_channels=in_channels, out_channels=in_channels, channels=tuple(channels),
-        attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
-        num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
-        num_class_embeds=None if num_class_embeds is None else int(num_class_embeds),
-    )
+        raise InputError("unet_channels", f"{list(channels)}: {bad} not divisible by norm_num_groups={norm_num_groups}")
+    attended = [c for c, a in zip(channels, attention_levels) if a] + [channels[-1]]  # the middle block attends
+    bad = sorted({c for c in attended if c % num_head_channels})
+    if bad:
+        raise InputError("unet_channels", f"{list(channels)}: {bad} (attention levels and the middle block) not "
+                                          f"divisible by num_head_channels={num_head_channels}")
+    try:
+        return DiffusionModelUNet(
+            spatial_dims=2, in_channels=in_channels, out_channels=in_channels, channels=tuple(channels),
+            attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
+            num_head_channels=num_head_channels, norm_num_groups=norm_num_groups,
+            num_class_embeds=None if num_class_embeds is None else int(num_class_embeds),
+        )
+    except (ValueError, TypeError) as err:  # any other combination MONAI refuses: one line naming the settings
+        raise InputError("network", f"DiffusionModelUNet refuses unet_channels={list(channels)}, attention_levels="
+                                    f"{list(attention_levels)}, num_head_channels={num_head_channels}, "
+                                    f"norm_num_groups={norm_num_groups}: {err}") from None
 
 
 def traced_diffusion_unet(image_size: int, in_channels: int = 1, **kwargs) -> torch.jit.ScriptModule:
