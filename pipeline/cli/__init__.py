@@ -19,8 +19,16 @@ from pipeline.errors import InputError, find_input_error
 __all__ = ["build_parser", "canonical_arguments", "main", "run_torchrun"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end like every other bad input: one ``error:`` line naming the command, exit code 2
+    (argparse's default prints the whole usage block first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="pipeline", allow_abbrev=False,
         description="Unsupervised brain-tumour detection with diffusion models (MONAI). "
                     "Each command calls the same library functions as the bundle configs.")
@@ -43,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args, extra = parser.parse_known_args(argv)
-    if getattr(args, "bundle", False):
-        args.settings = extra
-    elif extra:
-        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if getattr(args, "bundle", False):
+            args.settings = extra
+        elif extra:
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    except SystemExit as stop:  # --help, --version (0) or a usage error (2): a return code for callers of main()
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         args.func(args)
     except Exception as err:  # noqa: BLE001 - bad input -> one line; anything else re-raised
