@@ -82,8 +82,8 @@ class CheckHeadersd(MapTransform):
         if self.label_key and data.get(self.label_key):
             label = check_header(data[self.label_key], "label")
             if tuple(label.shape[:3]) != tuple(image.shape[:3]):
-                raise InputError(data[self.label_key], f"label shape {tuple(label.shape)} does not match the image "
-                                                       f"grid {tuple(image.shape[:3])} of {data[self.image_key]}")
+                raise InputError(data[self.label_key], f"label shape {tuple(label.shape)} does not match image shape "
+                                                       f"{tuple(image.shape[:3])} of {data[self.image_key]}")
             worst = float(np.abs(np.asarray(label.affine) - np.asarray(image.affine)).max())
             if worst > AFFINE_TOLERANCE_MM:
                 raise InputError(data[self.label_key], f"label affine differs from that of {data[self.image_key]} "
