@@ -333,3 +333,40 @@ def test_global_rng_states_round_trip_through_a_checkpoint(tmp_path):
     GlobalRNG().load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], np.random.randn(), random.gauss(0, 1))
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2:] == again[2:]
+
+
+def test_resuming_another_runs_checkpoints_is_refused(synth_root, shared, tmp_path):
+    """Checkpoints record data and settings: a run crashed on one dataset, re-run on another (or with
+    other settings) into the same folder, stops with one line instead of continuing foreign weights;
+    ``resume false`` starts afresh there. Through the command line, in a child process as a user runs it."""
+    import shutil
+
+    def cli(values: dict, *extra: str) -> subprocess.CompletedProcess:
+        argv = [x for k, v in values.items() for x in (f"--{k}", json.dumps(v) if isinstance(v, list) else str(v))]
+        return subprocess.run([sys.executable, "-m", "pipeline", "train", "--quiet", *extra, *argv],
+                              capture_output=True, text=True, cwd=REPO, env={**os.environ, **ONE_THREAD})
+
+    run = settings(synth_root, tmp_path / "run", shared)
+    crash(run, 8)
+    kept = checkpoint_files(tmp_path / "run" / "models")
+    assert kept and load_checkpoint(kept[-1])["provenance"]["settings"]["noise"] == "gaussian"
+    other_data = tmp_path / "other-data"
+    shutil.copytree(synth_root, other_data)
+    task = other_data / "Task01_BrainTumour"
+    (task / "imagesTr" / "BRATS_001.nii.gz").unlink()  # other content
+    listing = json.loads((task / "dataset.json").read_text())
+    listing["training"] = [e for e in listing["training"] if "BRATS_001" not in e["image"]]
+    (task / "dataset.json").write_text(json.dumps(listing))
+    other = {"dataset_dir": str(other_data), "split_file": str(tmp_path / "o" / "split.json"),
+             "cache_dir": str(tmp_path / "o" / "cache")}
+    for change, differs in ((other, "data"), ({"noise": "simplex"}, "settings.noise")):
+        result = cli({**run, **change})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+        assert "holds checkpoints of another training run" in lines[0] and str(kept[-1]) in lines[0]
+        assert differs in lines[0], lines[0]
+        assert checkpoint_files(tmp_path / "run" / "models") == kept, "nothing touched"
+    result = cli({**run, "noise": "simplex", "resume": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    newest = load_checkpoint(checkpoint_files(tmp_path / "run" / "models")[-1])
+    assert newest["provenance"]["settings"]["noise"] == "simplex"

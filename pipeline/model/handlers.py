@@ -91,6 +91,41 @@ def _loss_of(output) -> float:
     return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
 
 
+class RunProvenance:
+    """What a training run is: its data (the slice cache key, a hash of the dataset's content, the split and the
+    preprocessing) and its settings (the model card's plus the optimisation's). Saved in every checkpoint; a
+    checkpoint of another run is refused on resume instead of silently continued (``resume: false`` starts
+    afresh in the same folder)."""
+
+    def __init__(self, data: str | os.PathLike, settings: dict):
+        self.expected = {"data": Path(data).name, "settings": _plain(settings)}
+
+    def state_dict(self) -> dict:
+        return dict(self.expected)
+
+    def differences(self, state: dict) -> list[str]:
+        found = {"data": state.get("data"), **{f"settings.{k}": v for k, v in (state.get("settings") or {}).items()}}
+        wanted = {"data": self.expected["data"], **{f"settings.{k}": v for k, v in self.expected["settings"].items()}}
+        return [f"{key} {found.get(key)!r} (this run: {wanted.get(key)!r})" for key in sorted(set(found) | set(wanted))
+                if found.get(key) != wanted.get(key)]
+
+    def load_state_dict(self, state: dict) -> None:
+        diff = self.differences(state)
+        if diff:
+            raise InputError("ckpt_dir", "holds checkpoints of another training run: " + "; ".join(diff[:4])
+                             + ("; ..." if len(diff) > 4 else "")
+                             + ". Use another ckpt_dir, or --resume false to start afresh there")
+
+
+def _plain(value):
+    """Settings as JSON would hold them (tuples as lists), so a saved and a fresh copy compare equal."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 class AtomicCheckpoint:
     """Crash-consistent checkpoints: a run killed at any instant and started again ends with the
     weights of a run never stopped (same seed, same device).
@@ -107,7 +142,7 @@ class AtomicCheckpoint:
     unwrapped (ignite does this), so any run can resume any other; only rank 0 writes.
     """
 
-    OPTIONAL = ("rng", "scaler")
+    OPTIONAL = ("rng", "scaler", "provenance")
     """Entries older checkpoints may lack: such a resume works but is not exact."""
 
     def __init__(self, ckpt_dir: str | os.PathLike, objects: dict, every_n_epochs: int = 1,
@@ -159,9 +194,13 @@ class AtomicCheckpoint:
         if rank_and_world()[0] == 0:
             for path in remove_orphans(self.ckpt_dir):
                 engine.logger.info(f"removed {path}, left by a writer that was killed")
-        if not self.resume:
-            return
         files = from_rank_zero(checkpoint_files(self.ckpt_dir))
+        if not self.resume:  # afresh: the old run's checkpoints go, so a later resume cannot pick one of them
+            if rank_and_world()[0] == 0:
+                for path in files:
+                    path.unlink(missing_ok=True)
+                    engine.logger.info(f"resume false: removed {path}")
+            return
         if files:
             self.load(engine, files[-1])  # first: a folder of another run's checkpoints stops here, untouched
             self._saved_at = engine.state.iteration
@@ -179,6 +218,11 @@ class AtomicCheckpoint:
 
     def load(self, engine: Engine, path: Path) -> None:
         state = load_checkpoint(path)
+        if "provenance" in self.objects and "provenance" in state:  # before any weight is touched
+            try:
+                self.objects["provenance"].load_state_dict(state["provenance"])
+            except InputError as err:
+                raise InputError(path, str(err).split(": ", 1)[1]) from None
         missing = sorted(set(self.objects) - set(state) - set(self.OPTIONAL))
         if missing:
             raise InputError(path, f"checkpoint lacks {', '.join(missing)}; was it written by this bundle?")
