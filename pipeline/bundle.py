@@ -80,6 +80,18 @@ def setting_ids(bundle_dir: str | Path = BUNDLE_DIR) -> frozenset[str]:
     return frozenset(ids)
 
 
+def list_setting_ids(bundle_dir: str | Path = BUNDLE_DIR) -> frozenset[str]:
+    """Top-level ids whose default is a list (``modalities``, ``pixdim``, ``unet_channels``, ``t_start``-like
+    lists): where the command line reads ``a,b,c`` as ``[a, b, c]``."""
+    from monai.bundle import ConfigParser
+
+    ids = set()
+    for workflow in CONFIGS:
+        content = ConfigParser.load_config_files(config_files(workflow, bundle_dir))
+        ids.update(k for k, v in content.items() if isinstance(v, list) and k != "imports")
+    return frozenset(ids)
+
+
 @contextmanager
 def quiet_logs(quiet: bool = True):
     """Warnings and errors only while inside (``--quiet``; ``quiet=False`` changes nothing).

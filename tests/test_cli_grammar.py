@@ -91,3 +91,27 @@ def test_quiet_train_then_scoring_without_calibration_builds_no_cache(synth_root
         assert (out / "cache").exists() == cached and (out / "scores" / "calibration.npz").exists() == cached
         split = json.loads((out / "split.json").read_text())
         assert split == json.loads((tmp_path / "train" / "split.json").read_text())
+
+
+def test_one_list_grammar_for_bundle_settings(synth_root, tmp_path, capsys):
+    """``FLAIR,T2w`` and ``[FLAIR,T2w]`` are the same list; ``--pixdim 4`` is 4 mm in every axis. A 2-channel
+    model trained so has a 2-channel network (the string's length once gave 9) and a card saying so."""
+    from pipeline.cli.args import parse_overrides
+    from pipeline.data.dataset import PreprocessConfig
+    from pipeline.model.checkpoint import load_checkpoint
+
+    assert parse_overrides(["--modalities", "FLAIR,T2w"]) == parse_overrides(["--modalities", "[FLAIR,T2w]"])
+    assert parse_overrides(["--attention_levels", "false,true"]) == {"attention_levels": [False, True]}
+    assert parse_overrides(["--dataset_dir", "a,b"]) == {"dataset_dir": "a,b"}, "not a list setting: left alone"
+    assert PreprocessConfig(pixdim=4).pixdim == (4.0, 4.0, 4.0) == PreprocessConfig(pixdim=[4, 4, 4]).pixdim
+    models = tmp_path / "models"
+    argv = ["train", "--dataset-dir", str(synth_root), "--image-size", "16", "--pixdim", "4", "--modalities", "flair,T2w",
+            "--unet-channels", "8,8,8", "--norm-num-groups", "8", "--num-head-channels", "8",
+            "--output-dir", str(tmp_path / "train"), "--ckpt-dir", str(models), "--train-steps", "1", "--batch-size", "4",
+            "--num-workers", "1", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    weights = load_checkpoint(models / "model.pt")
+    first = next(v for k, v in weights.items() if k.endswith("weight") and v.ndim == 4)
+    assert first.shape[1] == 2
+    card = json.loads((models / "model.card.json").read_text())
+    assert card["settings"]["pixdim"] in (4, [4.0, 4.0, 4.0]) and card["settings"]["unet_channels"] == [8, 8, 8]

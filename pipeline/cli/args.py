@@ -55,10 +55,21 @@ def yaml_value(text: str, source: str, key: str):
 
 
 def parse_overrides(tokens: list[str]) -> dict:
-    """``--key value`` pairs (values read as YAML: numbers, lists, booleans) -> config overrides."""
+    """``--key value`` pairs (values read as YAML: numbers, lists, booleans) -> config overrides. For a setting
+    whose default is a list, ``a,b,c`` means ``[a, b, c]`` (``--modalities FLAIR,T2w``, ``--unet-channels
+    16,32,64``), the same as the YAML list ``[a,b,c]``."""
+    from pipeline.bundle import list_setting_ids
+
     if len(tokens) % 2 or not all(t.startswith("--") for t in tokens[::2]):
         raise InputError("command line", f"bundle settings must come as '--key value' pairs, got {' '.join(tokens)}")
-    return {key[2:]: yaml_value(value, "command line", key) for key, value in zip(tokens[::2], tokens[1::2])}
+    lists = list_setting_ids()
+    out = {}
+    for key, text in zip(tokens[::2], tokens[1::2]):
+        if key[2:] in lists and "," in text and not text.lstrip().startswith(("[", "{")):
+            out[key[2:]] = [yaml_value(item.strip(), "command line", key) for item in text.split(",")]
+        else:
+            out[key[2:]] = yaml_value(text, "command line", key)
+    return out
 
 
 def parse_assignments(items: list[str] | None) -> dict:

@@ -53,12 +53,18 @@ class PreprocessConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", tuple(normalise_modalities(self.modalities)))
-        object.__setattr__(self, "pixdim", tuple(float(p) for p in self.pixdim))
+        pixdim = self.pixdim
+        if isinstance(pixdim, (int, float)) and not isinstance(pixdim, bool):
+            pixdim = (pixdim,) * 3  # one number: that many mm in every axis
+        try:
+            object.__setattr__(self, "pixdim", tuple(float(p) for p in pixdim))
+        except (TypeError, ValueError):
+            raise InputError("pixdim", f"needs one or three positive voxel sizes in mm, got {self.pixdim!r}") from None
         object.__setattr__(self, "percentiles", tuple(float(p) for p in self.percentiles))
         if int(self.image_size) < 8:
             raise InputError("image_size", f"must be at least 8 pixels, got {self.image_size}")
         if len(self.pixdim) != 3 or min(self.pixdim) <= 0:
-            raise InputError("pixdim", f"needs three positive voxel sizes in mm, got {self.pixdim}")
+            raise InputError("pixdim", f"needs one or three positive voxel sizes in mm, got {self.pixdim}")
         if self.intensity not in INTENSITY_SCALINGS:
             raise InputError("intensity", f"unknown scaling {self.intensity!r}; choose one of {', '.join(INTENSITY_SCALINGS)}")
         lo, hi = self.percentiles
