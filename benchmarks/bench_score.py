@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from common import machine
 
-from pipeline.benchmark import (config_hash, entry_score_settings, entry_train_settings, expand_methods, is_baseline,
+from pipeline.protocols import (config_hash, entry_score_settings, entry_train_settings, expand_methods, is_baseline,
                                 load_protocol)
 from pipeline.bundle import make_workflow
 from pipeline.data.dataset import load_subjects

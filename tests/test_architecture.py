@@ -22,9 +22,9 @@ LAYERS = {
     "scoring": 3,
     "evaluation": 4,
     "leaderboard": 5,
-    "wiring": 6,       # bundle, benchmark, cli/, __main__
+    "wiring": 6,       # bundle, protocols, api, cli/, __main__
 }
-WIRING = {"bundle", "benchmark", "cli", "__main__"}
+WIRING = {"bundle", "protocols", "api", "cli", "__main__"}
 STAGES = {"data", "model", "scoring", "evaluation", "leaderboard"}
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.benchmark import (config_hash, entry_score_settings, entry_train_settings, expand_methods, load_protocol,
+from pipeline.protocols import (config_hash, entry_score_settings, entry_train_settings, expand_methods, load_protocol,
                                 run_benchmark, validation_only)
 from pipeline.errors import InputError
 

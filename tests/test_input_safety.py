@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from pipeline.atomic import write_json
-from pipeline.benchmark import load_protocol
+from pipeline.protocols import load_protocol
 from pipeline.cli import main
 from pipeline.common import TASK
 from pipeline.data.dataset import dataset_fingerprint, dataset_split, load_subjects

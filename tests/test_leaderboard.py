@@ -100,7 +100,7 @@ def usable_split(synth_root) -> dict:
 
 
 def binding_for(dataset_dir, split, content=PROTOCOL_CONTENT) -> dict:
-    """What ``pipeline.benchmark.protocol_for_submission`` hands the leaderboard."""
+    """What ``pipeline.protocols.protocol_for_submission`` hands the leaderboard."""
     return {"id": content["id"], "hash": protocol_hash(content), "content": content,
             "dataset_dir": str(dataset_dir), "split": split}
 

@@ -35,7 +35,7 @@ from pipeline.leaderboard.submission import append_row, read_leaderboard, submit
 @pytest.fixture(scope="module")
 def official(synth_root, tmp_path_factory):
     """The organiser's protocol file, its binding and one honest run made under it."""
-    from pipeline.benchmark import load_protocol, protocol_for_submission
+    from pipeline.protocols import load_protocol, protocol_for_submission
 
     root = tmp_path_factory.mktemp("official")
     split = usable_split(synth_root)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import pipeline.leaderboard.submission as submission
-from pipeline.benchmark import load_protocol, run_benchmark, run_entry
+from pipeline.protocols import load_protocol, run_benchmark, run_entry
 from pipeline.cli import main
 from pipeline.errors import InputError
 

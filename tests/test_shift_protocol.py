@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.benchmark import load_protocol, run_benchmark
+from pipeline.protocols import load_protocol, run_benchmark
 
 REPO = Path(__file__).resolve().parent.parent
 SHRINK = {"dataset.synthetic.healthy": 4, "dataset.synthetic.tumour": 6, "dataset.synthetic.spacing": 4.0,

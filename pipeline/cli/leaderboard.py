@@ -11,7 +11,7 @@ METRIC_CHOICES = ["auprc", "auroc", "dice"]
 
 
 def _cmd_benchmark(args) -> None:
-    from pipeline.benchmark import load_protocol, run_benchmark, validation_only
+    from pipeline.protocols import load_protocol, run_benchmark, validation_only
     from pipeline.bundle import quiet_logs
     from pipeline.leaderboard.ranking import show
 
@@ -30,7 +30,7 @@ def _cmd_benchmark(args) -> None:
 
 
 def _protocol_binding(path, assignments) -> dict:
-    from pipeline.benchmark import load_protocol, protocol_for_submission
+    from pipeline.protocols import load_protocol, protocol_for_submission
 
     return protocol_for_submission(load_protocol(path, parse_assignments(assignments)))
 

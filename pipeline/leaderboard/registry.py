@@ -100,7 +100,7 @@ def read_registry(csv_path) -> dict:
 def protocol_record(binding: dict) -> dict:
     """What a leaderboard records for a protocol. ``binding``: ``{"id", "hash", "content",
     "dataset_dir", "split"}`` from the protocol file itself (see
-    :func:`pipeline.benchmark.protocol_for_submission`); the data are fingerprinted now."""
+    :func:`pipeline.protocols.protocol_for_submission`); the data are fingerprinted now."""
     from pipeline.data.dataset import dataset_fingerprint
 
     missing = [k for k in ("id", "hash", "content", "dataset_dir", "split") if k not in binding]
