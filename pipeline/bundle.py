@@ -80,6 +80,24 @@ def setting_ids(bundle_dir: str | Path = BUNDLE_DIR) -> frozenset[str]:
     return frozenset(ids)
 
 
+SETTING_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):[ \t]+(\S.*?)(?:[ \t]+#[ \t]*(.*))?$")
+
+
+def settings_help(workflow: str, bundle_dir: str | Path = BUNDLE_DIR) -> str:
+    """One line per top-level setting of ``workflow``'s configs: ``--key  default  what it does`` (the
+    config line's own comment), for the subcommand's ``--help``. Plain text reading: no MONAI import."""
+    seen, lines = set(), []
+    for path in config_files(workflow, bundle_dir):
+        for text in Path(path).read_text(encoding="utf-8").splitlines():
+            match = SETTING_LINE.match(text)
+            if not match or match.group(1) in seen or match.group(1) in WORKFLOW_ARGUMENTS | {"imports"}:
+                continue
+            key, value, comment = match.groups()
+            seen.add(key)
+            lines.append(f"  --{key.replace('_', '-'):<26} {value:<28} {comment or ''}".rstrip())
+    return "\n".join(sorted(lines))
+
+
 def list_setting_ids(bundle_dir: str | Path = BUNDLE_DIR) -> frozenset[str]:
     """Top-level ids whose default is a list (``modalities``, ``pixdim``, ``unet_channels``, ``t_start``-like
     lists): where the command line reads ``a,b,c`` as ``[a, b, c]``."""

@@ -116,3 +116,15 @@ def test_benchmark_command_prints_the_leaderboard(tiny_data):
     quiet = run_cli("leaderboard", "show", "--leaderboard", str(tiny_data / "lb.csv"), "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == table.stdout
     assert quiet.stdout.startswith("| rank |") and len(quiet.stdout.splitlines()) == 3  # header, rule, one run
+
+
+@pytest.mark.parametrize("command, settings", [("train", ("--noise", "--train-steps", "--modalities", "--resume")),
+                                               ("score", ("--sampler", "--t-start", "--residual-sign", "--median-3d")),
+                                               ("evaluate", ("--scores-dir", "--bootstrap-resamples"))])
+def test_help_lists_the_bundle_settings_with_defaults(command, settings):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0
+    lines = {ln.split()[0]: ln for ln in result.stdout.splitlines() if ln.startswith("  --")}
+    for name in settings:
+        assert name in lines and len(lines[name].split()) >= 2, (name, result.stdout[-3000:])
+    assert "positive: only x > recon" in lines.get("--residual-sign", "positive: only x > recon")

@@ -86,7 +86,14 @@ def _bundle_summary(workflow: str, get) -> str:
 
 def _bundle_command(sub, name: str, workflow: str, help: str, epilog: str):
     """A subcommand running ``workflow``; flags it does not know are bundle settings (``--key value``)."""
-    parser = add_command(sub, name, _cmd_bundle(workflow), help, epilog=epilog)
+    import argparse
+
+    from pipeline.bundle import settings_help
+
+    epilog = (f"{epilog}\n\nbundle settings of this command (--key value: default, what it does; '$...' defaults are "
+              f"computed from other settings):\n{settings_help(workflow)}")
+    parser = add_command(sub, name, _cmd_bundle(workflow), help, epilog=epilog,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     trust_flag(parser)
     parser.set_defaults(bundle=True, tracking=None)
     return parser
