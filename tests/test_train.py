@@ -104,7 +104,8 @@ def test_checkpoint_from_other_architecture_is_refused(synth_root, shared, tmp_p
     run_bundle("train", **tiny(synth_root, tmp_path, shared))
     with pytest.raises(Exception) as info:
         run_bundle("train", **tiny(synth_root, tmp_path, shared, epochs=2, unet_channels=[32, 64, 64]))
-    assert "does not match" in _chain_text(info.value)
+    assert "holds checkpoints of another training run" in _chain_text(info.value)  # found before the weights
+    assert "settings.unet_channels [32, 32, 32] (this run: [32, 64, 64])" in _chain_text(info.value)
 
 
 def _chain_text(err: BaseException) -> str:
