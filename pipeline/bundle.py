@@ -11,9 +11,10 @@ from pathlib import Path
 
 from pipeline.common import BASELINE
 from pipeline.errors import InputError
+from pipeline.layout import project_file
 
 BUNDLE_NAME = "brats_diffusion_anomaly"
-BUNDLE_DIR = Path(__file__).resolve().parent.parent / "bundles" / BUNDLE_NAME
+BUNDLE_DIR = project_file(f"bundles/{BUNDLE_NAME}")  # the checkout's bundles/, or a wheel's installed copy
 CONFIGS = {
     "train": ["train.yaml"],
     "multi_gpu_train": ["train.yaml", "multi_gpu_train.yaml"],

@@ -31,6 +31,7 @@ from pipeline.bundle import check_plain_settings, run_bundle
 from pipeline.common import BASELINE, GUIDED, read_json
 from pipeline.data.dataset import dataset_fingerprint, task_paths
 from pipeline.errors import InputError
+from pipeline.layout import project_file
 from pipeline.leaderboard.registry import check_name, protocol_hash, split_fingerprint
 from pipeline.leaderboard.submission import METHOD_PATTERN
 from pipeline.scoring.maps import read_index
@@ -73,6 +74,8 @@ def load_protocol(path: str | os.PathLike, overrides: dict | None = None) -> dic
     """Read and check a protocol file (with optional dotted-key ``overrides``); adds ``hash`` (of the
     content actually used) and ``path``."""
     path = Path(path)
+    if not path.is_file() and not path.is_absolute() and project_file(path).is_file():
+        path = project_file(path)  # configs/benchmark/*.yaml as shipped, run from any folder (or a wheel)
     if not path.is_file():
         raise InputError(path, "protocol file not found")
     try:
