@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_train import tiny
 
@@ -64,3 +65,18 @@ def test_ckpt_export_gives_torchscript_equal_to_checkpoint(synth_root, tmp_path)
             expected, got = net(x, t), exported(x, t)
             assert expected.abs().max() > 0  # trained weights (a fresh UNet's output conv is zero)
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_a_torchscript_file_given_as_a_checkpoint_says_what_it_is(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.model.checkpoint import load_checkpoint
+    from pipeline.model.network import traced_diffusion_unet
+
+    path = tmp_path / "model.ts"
+    torch.jit.save(traced_diffusion_unet(16, 1, channels=(8, 8), attention_levels=(False, False),
+                                         num_head_channels=8, norm_num_groups=8), str(path))
+    with pytest.raises(InputError, match="is a TorchScript module") as err:
+        load_checkpoint(path)
+    assert err.value.source == str(path)
+    torch.save({"w": torch.ones(2)}, tmp_path / "state.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "state.pt")["w"], torch.ones(2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,9 +56,18 @@ def test_equal_values_in_other_spellings_are_accepted(model):
     assert check_card(model, {**TRAINED, **same})
 
 
-def test_models_without_a_card_and_the_baseline_are_not_checked(tmp_path, model):
+def test_a_model_without_its_card_is_refused_unless_allowed_and_the_baseline_is_not_checked(tmp_path, model):
     assert read_card(tmp_path / "old.pt") is None and apply_card(tmp_path / "old.pt", {"noise": "x"}) == {"noise": "x"}
     assert not check_card(model, {"noise": "gaussian"}, needs_model=False)  # the FLAIR baseline loads no model
+    bare = tmp_path / "copied" / "model.pt"
+    bare.parent.mkdir()
+    bare.write_bytes(Path(model).read_bytes())  # the weights copied without model.card.json
+    for call in (lambda: apply_card(bare, {"noise": "gaussian"}), lambda: check_card(bare, {"noise": "gaussian"})):
+        with pytest.raises(InputError, match="has no model card") as err:
+            call()
+        assert err.value.source == str(bare)
+    assert apply_card(bare, {"noise": "gaussian", "allow_missing_card": True})["noise"] == "gaussian"
+    assert not check_card(bare, {"noise": "gaussian"}, allow_missing=True)
     card_path(model).write_text("{not json")
     with pytest.raises(InputError, match="unreadable model card"):
         read_card(model)

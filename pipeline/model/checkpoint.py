@@ -50,7 +50,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - pickle/zip/unpickler errors all mean "corrupt"
+        if _is_torchscript(path):
+            raise InputError(path, "is a TorchScript module (what ckpt_export writes), not a checkpoint: score the "
+                                   "model.pt it was exported from, or load it with torch.jit.load") from None
         raise InputError(path, f"corrupt or unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive holds compiled ``code/`` and ``constants.pkl``; a torch.save checkpoint holds neither."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in f"/{n}" or n.endswith("constants.pkl") for n in archive.namelist())
 
 
 def load_state(module, state: dict, source: str | os.PathLike) -> None:

@@ -97,12 +97,32 @@ def _checked(model_path: str | os.PathLike, settings: dict, what: str) -> dict |
     return card
 
 
+def _refuse_missing(model_path: str | os.PathLike, allow_missing: bool) -> None:
+    """A model file without its card would be scored with whatever settings are given (the bundle's defaults,
+    silently): refused unless the user says they know the settings."""
+    if not allow_missing and Path(model_path).is_file():
+        raise InputError(model_path, f"has no model card ({card_path(model_path).name} beside it), so the settings it "
+                                     "was trained with are unknown; copy the card with the model, or give the "
+                                     "settings yourself and --allow-missing-card true")
+
+
 def apply_card(model_path: str | os.PathLike, overrides: dict) -> dict:
-    """``overrides`` completed with the card's settings; a contradicting override is refused."""
+    """``overrides`` completed with the card's settings; a contradicting override is refused, and so is a model
+    without a card unless ``overrides`` says ``allow_missing_card``."""
     card = _checked(model_path, overrides, "the model was trained otherwise; remove or fix")
-    return overrides if card is None else {**{k: v for k, v in card.items() if k in ENFORCED}, **overrides}
+    if card is None:
+        _refuse_missing(model_path, bool(overrides.get("allow_missing_card", False)))
+        return overrides
+    return {**{k: v for k, v in card.items() if k in ENFORCED}, **overrides}
 
 
-def check_card(model_path: str | os.PathLike, settings: dict, needs_model: bool = True) -> bool:
-    """Refuse scoring ``model_path`` with settings its card contradicts (True when checked)."""
-    return needs_model and _checked(model_path, settings, "scoring settings contradict the model card") is not None
+def check_card(model_path: str | os.PathLike, settings: dict, needs_model: bool = True,
+               allow_missing: bool = False) -> bool:
+    """Refuse scoring ``model_path`` with settings its card contradicts, or without a card unless
+    ``allow_missing`` (True when a card was checked)."""
+    if not needs_model:
+        return False
+    card = _checked(model_path, settings, "scoring settings contradict the model card")
+    if card is None:
+        _refuse_missing(model_path, allow_missing)
+    return card is not None
