@@ -128,3 +128,20 @@ def lazy_exports(package: str, **modules: str):
         return sorted(names)
 
     return sorted(names), __getattr__, __dir__
+
+
+def check_schema(document, schema: str, source) -> None:
+    """Validate ``document`` against ``configs/schemas/<schema>.schema.json`` (JSON Schema 2020-12) and report
+    every violated field in one :class:`InputError` line, so a hand-written file is fixed in one round trip."""
+    import jsonschema
+
+    from pipeline.layout import project_file
+
+    path = project_file(f"configs/schemas/{schema}.schema.json")
+    validator = jsonschema.Draft202012Validator(read_json(path, "JSON schema"))
+    problems = []
+    for error in sorted(validator.iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path]):
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        problems.append(f"{where}: {error.message[:160]}")
+    if problems:
+        raise InputError(source, f"{len(problems)} problem(s) against {path.name}: " + "; ".join(problems))

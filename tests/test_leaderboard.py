@@ -271,9 +271,9 @@ def test_run_folder_with_newline_or_bad_method_is_refused(bench, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     write_json(run / "run.json", {"method": "../evil", "protocol": {"id": "x", "hash": "y"}})
-    with pytest.raises(InputError, match="method name") as err:
+    with pytest.raises(InputError, match=r"method: '\.\./evil' does not match") as err:  # with the other 7 problems
         submission_row(run, bench["protocol"])
-    assert err.value.source.endswith("run.json")
+    assert err.value.source.endswith("run.json") and "8 problem(s)" in err.value.problem
 
 
 @pytest.mark.parametrize("name", ["simplex-ddim-t250-s0", "flair-baseline", "gaussian-ddpm-t200", "AnoDDPM_v2.1+ema",

@@ -193,7 +193,7 @@ def test_index_entry_without_section_is_a_one_line_error(official, tmp_path, cap
     board = str(tmp_path / "lb.csv")
     line = cli_error(capsys, ["leaderboard", "submit", str(run), "--leaderboard", board,
                               "--protocol", str(official["path"])])
-    assert "index.json" in line and "needs 'section'" in line
+    assert "index.json" in line and "'section' is a required property" in line
 
 
 def test_the_same_maps_under_eight_names_land_once(official, tmp_path):

@@ -336,15 +336,12 @@ def test_global_rng_states_round_trip_through_a_checkpoint(tmp_path):
 
 
 def test_resuming_another_runs_checkpoints_is_refused(synth_root, shared, tmp_path):
-    """Checkpoints record data and settings: a run crashed on one dataset, re-run on another (or with
-    other settings) into the same folder, stops with one line instead of continuing foreign weights;
-    ``resume false`` starts afresh there. Through the command line, in a child process as a user runs it."""
+    """Checkpoints record data and settings: a run crashed on one dataset, re-run on another into the same
+    folder, stops with one line (through the command line, in a child process as a user runs it) instead of
+    continuing foreign weights; other settings are refused the same way; ``resume false`` starts afresh."""
     import shutil
 
-    def cli(values: dict, *extra: str) -> subprocess.CompletedProcess:
-        argv = [x for k, v in values.items() for x in (f"--{k}", json.dumps(v) if isinstance(v, list) else str(v))]
-        return subprocess.run([sys.executable, "-m", "pipeline", "train", "--quiet", *extra, *argv],
-                              capture_output=True, text=True, cwd=REPO, env={**os.environ, **ONE_THREAD})
+    from pipeline.errors import InputError, find_input_error
 
     run = settings(synth_root, tmp_path / "run", shared)
     crash(run, 8)
@@ -357,16 +354,19 @@ def test_resuming_another_runs_checkpoints_is_refused(synth_root, shared, tmp_pa
     listing = json.loads((task / "dataset.json").read_text())
     listing["training"] = [e for e in listing["training"] if "BRATS_001" not in e["image"]]
     (task / "dataset.json").write_text(json.dumps(listing))
-    other = {"dataset_dir": str(other_data), "split_file": str(tmp_path / "o" / "split.json"),
+    other = {**run, "dataset_dir": str(other_data), "split_file": str(tmp_path / "o" / "split.json"),
              "cache_dir": str(tmp_path / "o" / "cache")}
-    for change, differs in ((other, "data"), ({"noise": "simplex"}, "settings.noise")):
-        result = cli({**run, **change})
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
-        assert "holds checkpoints of another training run" in lines[0] and str(kept[-1]) in lines[0]
-        assert differs in lines[0], lines[0]
-        assert checkpoint_files(tmp_path / "run" / "models") == kept, "nothing touched"
-    result = cli({**run, "noise": "simplex", "resume": "false"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    argv = [x for k, v in other.items() for x in (f"--{k}", json.dumps(v) if isinstance(v, list) else str(v))]
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "--quiet", *argv], capture_output=True,
+                            text=True, cwd=REPO, env={**os.environ, **ONE_THREAD})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert "holds checkpoints of another training run: data" in lines[0] and str(kept[-1]) in lines[0]
+    with pytest.raises(Exception) as info:  # the same data, another noise type
+        run_bundle("train", **{**run, "noise": "simplex"})
+    found = find_input_error(info.value)
+    assert isinstance(found, InputError) and "settings.noise 'gaussian' (this run: 'simplex')" in found.problem
+    assert checkpoint_files(tmp_path / "run" / "models") == kept, "nothing touched"
+    run_bundle("train", **{**run, "noise": "simplex", "resume": False})
     newest = load_checkpoint(checkpoint_files(tmp_path / "run" / "models")[-1])
     assert newest["provenance"]["settings"]["noise"] == "simplex"

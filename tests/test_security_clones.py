@@ -72,7 +72,7 @@ def test_the_rank_sample_sees_order_only_and_samples_the_same_voxels_for_every_r
 def test_a_row_at_or_above_the_review_ceiling_is_held_not_ranked(official, tmp_path, capsys):  # noqa: F811
     board = tmp_path / "lb.csv"
     leak = make_run(tmp_path / "results" / "runs" / "leak", official["dataset"], official["split"], official["record"],
-                    lambda label, rng: (label > 0).astype(np.float32), "label-leak", config_hash="1eak" * 6)
+                    lambda label, rng: (label > 0).astype(np.float32), "label-leak", config_hash="1eaf" * 6)
     noisy = make_run(tmp_path / "results" / "runs" / "noisy", official["dataset"], official["split"],
                      official["record"], lambda label, rng: (label > 0) + 2.0 * rng.random(label.shape, np.float32),
                      "noisy", config_hash="0123" * 6)

@@ -34,7 +34,7 @@ def test_the_main_job_runs_from_an_installed_wheel_in_an_empty_folder(tmp_path):
     shipped = [n.split("/data/share/brain-diffusion-anomaly/", 1)[1] for n in names if "/data/share/" in n]
     assert "bundles/brats_diffusion_anomaly/configs/train.yaml" in shipped
     assert "bundles/brats_diffusion_anomaly/configs/metadata.json" in shipped
-    assert "configs/benchmark/default.yaml" in shipped
+    assert "configs/benchmark/default.yaml" in shipped and "configs/schemas/run_record.schema.json" in shipped
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
     _run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)

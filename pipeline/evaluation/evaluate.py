@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.common import BASELINE, confined_path, save_nifti
+from pipeline.common import BASELINE, check_schema, confined_path, save_nifti
 from pipeline.data.dataset import has_hidden_label, load_subjects
 from pipeline.data.transforms import AFFINE_TOLERANCE_MM, check_header  # a map sits on its image's grid too
 from pipeline.errors import InputError
@@ -110,6 +110,7 @@ def checked_index(scores_dir: Path) -> dict:
     relative, has no ``..`` and resolves (symlinks followed) inside the scores folder."""
     index_path = scores_dir / "index.json"
     index = read_index(scores_dir)
+    check_schema(index, "scores_index", index_path)  # every malformed entry at once
     subjects = index.get("subjects") if isinstance(index, dict) else None
     if not isinstance(subjects, dict):
         raise InputError(index_path, "needs a 'subjects' mapping")

@@ -48,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.atomic import atomic_path, write_json
-from pipeline.common import is_int, is_real, read_json
+from pipeline.common import check_schema, is_int, is_real, read_json
 from pipeline.errors import InputError
 from pipeline.evaluation.metrics import METRICS, pixel_metrics
 from pipeline.leaderboard.clones import CLONE_SPEARMAN, RankSample, copied_row, write_sample
@@ -219,6 +219,7 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
     run_dir = _check_run_dir(run_dir)
     run_json = run_dir / "run.json"
     run = read_json(run_json, "run record")
+    check_schema(run, "run_record", run_json)  # every missing or malformed field at once
     row = {"row_id": uuid.uuid4().hex,
            "method": check_method_name(field(run, "method", run_json), run_json),
            "protocol_id": field(run, "protocol.id", run_json),
@@ -368,7 +369,9 @@ def submit(run_dir, csv_path, protocol: dict | None = None, n_boot: int = 1000, 
     under its protocol id (``protocol``, a binding from the protocol file, registers it the first
     time and must agree with the record later); append it; returns the row."""
     run_json = _check_run_dir(run_dir) / "run.json"
-    protocol_id = field(read_json(run_json, "run record"), "protocol.id", run_json)
+    run = read_json(run_json, "run record")
+    check_schema(run, "run_record", run_json)  # every missing or malformed field at once, before binding anything
+    protocol_id = field(run, "protocol.id", run_json)
     record = bound_protocol(csv_path, protocol_id, protocol)
     bind_ground_truth(csv_path, protocol_id, ground_truth_dir, write=False)  # fail before scoring
     row = submission_row(run_dir, record, n_boot=n_boot, seed=seed, ground_truth_dir=ground_truth_dir)
