@@ -95,7 +95,10 @@ def test_only_the_organiser_binds_a_hidden_label_protocol(hidden, tmp_path, caps
     assert "not bound on this leaderboard" in line and "leaderboard init" in line and "--ground-truth" in line
     assert not registry_path(board).exists() and not board.exists() and not (results / "public-v1" / "runs").exists()
     # nor can a submitted run folder (made by the organiser's data, submitted by anyone)
-    write_json(tmp_path / "dummy" / "run.json", {"protocol": {"id": "public-v1"}})
+    write_json(tmp_path / "dummy" / "run.json", {  # a well-formed record (the schema is checked first)
+        "method": "dummy", "protocol": {"id": "public-v1", "hash": "0" * 64}, "dataset": {"fingerprint": "0" * 16},
+        "split": {"fingerprint": "0" * 64}, "config_hash": "x", "seed": 0, "code_version": "t",
+        "supervision": "unsupervised"})
     line = cli_error(capsys, ["leaderboard", "submit", str(tmp_path / "dummy"), "--leaderboard", str(board),
                               "--protocol", str(protocol)])
     assert "hides its test labels" in line and not registry_path(board).exists()
