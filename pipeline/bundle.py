@@ -70,15 +70,22 @@ def sync_configs(bundle_dir: str | Path = BUNDLE_DIR) -> list[str]:
 
 
 @lru_cache(maxsize=None)
+def _top_level_defaults(bundle_dir: str | Path = BUNDLE_DIR) -> dict:
+    """Every top-level config id of the bundle with its default as written, all workflows together (the first
+    workflow's value where two differ): parsed once per process."""
+    from monai.bundle import ConfigParser
+
+    defaults: dict = {}
+    for workflow in CONFIGS:
+        for key, value in ConfigParser.load_config_files(config_files(workflow, bundle_dir)).items():
+            defaults.setdefault(key, value)
+    return defaults
+
+
 def setting_ids(bundle_dir: str | Path = BUNDLE_DIR) -> frozenset[str]:
     """Every top-level id of the bundle's configs, all workflows together: the names a ``--key value``
     setting may take (one list of settings then serves score and evaluate alike)."""
-    from monai.bundle import ConfigParser
-
-    ids = set()
-    for workflow in CONFIGS:
-        ids.update(ConfigParser.load_config_files(config_files(workflow, bundle_dir)))
-    return frozenset(ids)
+    return frozenset(_top_level_defaults(bundle_dir))
 
 
 SETTING_LINE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):[ \t]+(\S.*?)(?:[ \t]+#[ \t]*(.*))?$")
@@ -102,13 +109,7 @@ def settings_help(workflow: str, bundle_dir: str | Path = BUNDLE_DIR) -> str:
 def list_setting_ids(bundle_dir: str | Path = BUNDLE_DIR) -> frozenset[str]:
     """Top-level ids whose default is a list (``modalities``, ``pixdim``, ``unet_channels``, ``t_start``-like
     lists): where the command line reads ``a,b,c`` as ``[a, b, c]``."""
-    from monai.bundle import ConfigParser
-
-    ids = set()
-    for workflow in CONFIGS:
-        content = ConfigParser.load_config_files(config_files(workflow, bundle_dir))
-        ids.update(k for k, v in content.items() if isinstance(v, list) and k != "imports")
-    return frozenset(ids)
+    return frozenset(k for k, v in _top_level_defaults(bundle_dir).items() if isinstance(v, list) and k != "imports")
 
 
 @contextmanager

@@ -74,8 +74,9 @@ def load_protocol(path: str | os.PathLike, overrides: dict | None = None) -> dic
     """Read and check a protocol file (with optional dotted-key ``overrides``); adds ``hash`` (of the
     content actually used) and ``path``."""
     path = Path(path)
-    if not path.is_file() and not path.is_absolute() and project_file(path).is_file():
-        path = project_file(path)  # configs/benchmark/*.yaml as shipped, run from any folder (or a wheel)
+    if not path.is_file() and not path.is_absolute():
+        shipped = project_file(path)  # configs/benchmark/*.yaml as shipped, run from any folder (or a wheel)
+        path = shipped if shipped.is_file() else path
     if not path.is_file():
         raise InputError(path, "protocol file not found")
     try:

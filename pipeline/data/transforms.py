@@ -39,13 +39,13 @@ AFFINE_TOLERANCE_MM = 0.01
 """How far a label's voxel-to-world matrix may differ from its image's (and a map's, in evaluation)."""
 
 
-def check_header(path: str | os.PathLike, what: str = "image"):
+def check_header(path: str | os.PathLike, what: str = "image", **load_options):
     """Open a NIfTI's header only and refuse, in one line, what reading it would fail on late or at great cost:
     a claimed size over :data:`MAX_VOXELS` or more than the file can hold, and a degenerate affine.
-    Returns the (lazy) nibabel image."""
+    Returns the (lazy) nibabel image, opened with ``load_options`` (``nib.load``'s keywords)."""
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path), **load_options)
     except Exception as err:  # nibabel raises several unrelated types for non-NIfTI input
         raise InputError(path, f"not a readable NIfTI {what} ({type(err).__name__}: {err})") from None
     shape = tuple(int(n) for n in img.shape)

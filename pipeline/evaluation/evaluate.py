@@ -51,9 +51,9 @@ def _read(path: Path, what: str, read: Callable[[nib.Nifti1Image], np.ndarray]) 
     """``read(image)`` and the affine of a NIfTI file; a missing or broken file names itself."""
     if not path.is_file():
         raise InputError(path, f"{what} not found")
-    check_header(path, what)  # a claimed size the file cannot hold, a degenerate affine: before any voxel
+    # a claimed size the file cannot hold, a degenerate affine: refused before any voxel is read
+    img = check_header(path, what, keep_file_open=True)  # one pass through a .gz read in parts
     try:
-        img = nib.load(str(path), keep_file_open=True)  # one pass through a .gz read in parts
         return read(img), img.affine
     except Exception as err:  # noqa: BLE001 - nibabel raises many types for broken files
         raise InputError(path, f"cannot read {what} ({type(err).__name__}: {err})") from None

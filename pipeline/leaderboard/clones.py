@@ -1,5 +1,7 @@
 """Copies and leaks: a row that only re-labels another row's maps, or scores too well to be a method.
 
+The same test maps under another name are caught by :class:`MapsHash` (a hash of their voxel values).
+
 AUROC, AUPRC and Dice at a chosen threshold see only the *order* of a map's values, so any increasing
 transform of an existing map (plus 1e-9, times 2, a log) is the same entry to the metrics while its bytes,
 and so ``maps_hash``, differ. :class:`RankSample` keeps each row's map values at a fixed set of brain
@@ -30,6 +32,28 @@ CLONE_SPEARMAN = 0.9999
 REVIEW_CEILING = 0.99
 """Default test AUPRC at or above which a row is held for review instead of ranked."""
 NEEDS_REVIEW = "needs review"
+
+
+class MapsHash:
+    """SHA-256 over the test maps' float32 voxel values by sorted subject name, fed one subject at a
+    time while evaluation streams: the same maps under another name or re-encoded in another file
+    are the same submission."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._last = None
+
+    def add(self, name: str, data: dict, _threshold: float | None = None) -> None:
+        """Hash one subject's map (a :data:`pipeline.evaluation.evaluate.SubjectVisitor`); names must come sorted."""
+        if self._last is not None and name <= self._last:
+            raise ValueError(f"maps must be hashed in sorted subject order ({name!r} after {self._last!r})")
+        score = np.ascontiguousarray(data["score"], dtype=np.float32)
+        self._digest.update(f"{name}:{score.shape};".encode())
+        self._digest.update(score)
+        self._last = name
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def _subject_seed(name: str) -> int:
@@ -68,14 +92,16 @@ def write_sample(folder: Path, row_id: str, values: np.ndarray) -> None:
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Rank correlation of two equally long samples; 0 where either is constant (no order to copy)."""
-    from scipy.stats import rankdata
+    import warnings
+
+    from scipy.stats import spearmanr
 
     if a.shape != b.shape or a.size < 2:
         return 0.0
-    ra, rb = rankdata(a), rankdata(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denominator = float(np.sqrt((ra**2).sum() * (rb**2).sum()))
-    return float((ra * rb).sum() / denominator) if denominator > 0 else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input: scipy warns and returns NaN
+        rho = float(spearmanr(a, b).statistic)
+    return 0.0 if np.isnan(rho) else rho
 
 
 def copied_row(folder: Path, values: np.ndarray, earlier: list[tuple[str, str]]) -> tuple[str, str, float] | None:

@@ -34,7 +34,6 @@ Ranking and the paired test over patients live in :mod:`pipeline.leaderboard.ran
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import numbers
 import re
@@ -51,7 +50,7 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.common import check_schema, is_int, is_real, read_json
 from pipeline.errors import InputError
 from pipeline.evaluation.metrics import METRICS, pixel_metrics
-from pipeline.leaderboard.clones import CLONE_SPEARMAN, RankSample, copied_row, write_sample
+from pipeline.leaderboard.clones import CLONE_SPEARMAN, MapsHash, RankSample, copied_row, write_sample
 from pipeline.leaderboard.registry import (bind_ground_truth, bound_protocol, check_provenance, field, locked,
                                            registry_path)
 from pipeline.leaderboard.run_files import check_run_files
@@ -174,28 +173,6 @@ def _check_run_dir(run_dir) -> Path:
     return path
 
 
-class MapsHash:
-    """SHA-256 over the test maps' float32 voxel values by sorted subject name, fed one subject at a
-    time while evaluation streams: the same maps under another name or re-encoded in another file
-    are the same submission."""
-
-    def __init__(self) -> None:
-        self._digest = hashlib.sha256()
-        self._last = None
-
-    def add(self, name: str, data: dict, _threshold: float | None = None) -> None:
-        """Hash one subject's map (a :data:`pipeline.evaluation.evaluate.SubjectVisitor`); names must come sorted."""
-        if self._last is not None and name <= self._last:
-            raise ValueError(f"maps must be hashed in sorted subject order ({name!r} after {self._last!r})")
-        score = np.ascontiguousarray(data["score"], dtype=np.float32)
-        self._digest.update(f"{name}:{score.shape};".encode())
-        self._digest.update(score)
-        self._last = name
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
-
-
 def _per_subject(result: Evaluation) -> dict:
     """Per test subject: AUROC / AUPRC (None where undefined), Dice at the validation threshold."""
     dice = result.metrics["test"]["per_subject_dice"]
@@ -207,19 +184,28 @@ def _per_subject(result: Evaluation) -> dict:
     return out
 
 
-def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, ground_truth_dir=None) -> dict:
+def read_run_record(run_dir) -> tuple[Path, dict]:
+    """(checked run folder, its ``run.json`` validated against the published schema: every malformed field in
+    one error)."""
+    run_dir = _check_run_dir(run_dir)
+    run = read_json(run_dir / "run.json", "run record")
+    check_schema(run, "run_record", run_dir / "run.json")
+    return run_dir, run
+
+
+def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, ground_truth_dir=None,
+                   run: dict | None = None) -> dict:
     """One leaderboard row for ``run_dir``, every number recomputed from its maps (see module doc).
 
     ``record``: the registered protocol (:func:`bound_protocol`). ``ground_truth_dir``: where the
-    test labels are when participants never had them. The row holds :data:`COLUMNS` plus
+    test labels are when participants never had them. ``run``: the record as :func:`read_run_record` returned it
+    for ``run_dir`` (``submit`` has read it already), else read here. The row holds :data:`COLUMNS` plus
     ``"subjects"`` (per-test-subject values for the paired test).
     """
     from pipeline.evaluation.evaluate import compute_metrics
 
-    run_dir = _check_run_dir(run_dir)
+    run_dir, run = read_run_record(run_dir) if run is None else (Path(run_dir), run)
     run_json = run_dir / "run.json"
-    run = read_json(run_json, "run record")
-    check_schema(run, "run_record", run_json)  # every missing or malformed field at once
     row = {"row_id": uuid.uuid4().hex,
            "method": check_method_name(field(run, "method", run_json), run_json),
            "protocol_id": field(run, "protocol.id", run_json),
@@ -239,7 +225,7 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
         _cell(column, value, run_json)
     check_provenance(run, run_json, run_dir, record)
 
-    maps, ranks = MapsHash(), RankSample()
+    maps, ranks = MapsHash(), RankSample()  # exact copies, then monotone ones (pipeline.leaderboard.clones)
 
     def visit(name, data, threshold):
         maps.add(name, data, threshold)
@@ -368,13 +354,11 @@ def submit(run_dir, csv_path, protocol: dict | None = None, n_boot: int = 1000, 
     """Validate and recompute ``run_dir`` (:func:`submission_row`) against the protocol registered
     under its protocol id (``protocol``, a binding from the protocol file, registers it the first
     time and must agree with the record later); append it; returns the row."""
-    run_json = _check_run_dir(run_dir) / "run.json"
-    run = read_json(run_json, "run record")
-    check_schema(run, "run_record", run_json)  # every missing or malformed field at once, before binding anything
-    protocol_id = field(run, "protocol.id", run_json)
+    run_dir, run = read_run_record(run_dir)  # every malformed field at once, before binding anything
+    protocol_id = field(run, "protocol.id", run_dir / "run.json")
     record = bound_protocol(csv_path, protocol_id, protocol)
     bind_ground_truth(csv_path, protocol_id, ground_truth_dir, write=False)  # fail before scoring
-    row = submission_row(run_dir, record, n_boot=n_boot, seed=seed, ground_truth_dir=ground_truth_dir)
+    row = submission_row(run_dir, record, n_boot=n_boot, seed=seed, ground_truth_dir=ground_truth_dir, run=run)
     bind_ground_truth(csv_path, protocol_id, ground_truth_dir)
     append_row(csv_path, row)
     return row

@@ -21,6 +21,7 @@ from pipeline.common import is_int
 from pipeline.errors import InputError
 from pipeline.model.checkpoint import (CHECKPOINT_PREFIX, GlobalRNG, KillSafeSaver, checkpoint_files, checkpoint_step,
                                        from_rank_zero, load_checkpoint, load_state, rank_and_world, replay_position)
+from pipeline.model.model_card import as_json_data
 from pipeline.model.train import NoisePrepareBatch
 
 
@@ -98,7 +99,7 @@ class RunProvenance:
     afresh in the same folder)."""
 
     def __init__(self, data: str | os.PathLike, settings: dict):
-        self.expected = {"data": Path(data).name, "settings": _plain(settings)}
+        self.expected = {"data": Path(data).name, "settings": as_json_data(settings)}
 
     def state_dict(self) -> dict:
         return dict(self.expected)
@@ -115,15 +116,6 @@ class RunProvenance:
             raise InputError("ckpt_dir", "holds checkpoints of another training run: " + "; ".join(diff[:4])
                              + ("; ..." if len(diff) > 4 else "")
                              + ". Use another ckpt_dir, or --resume false to start afresh there")
-
-
-def _plain(value):
-    """Settings as JSON would hold them (tuples as lists), so a saved and a fresh copy compare equal."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 class AtomicCheckpoint:

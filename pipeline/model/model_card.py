@@ -38,8 +38,9 @@ def card_path(model_path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + ".card.json")
 
 
-def _plain(value):
-    """Comparable JSON data: tuples as lists, a single modality as a one-item list."""
+def as_json_data(value):
+    """Comparable JSON data (tuples as lists): what a card or a checkpoint holds, so a saved and a fresh copy
+    of the same settings compare equal."""
     return json.loads(json.dumps(value, default=list))
 
 
@@ -49,7 +50,7 @@ def _normalised(key: str, value):
         from pipeline.data.dataset import normalise_modalities
 
         return normalise_modalities(value)
-    value = _plain(value)
+    value = as_json_data(value)
     if key == "pixdim":
         return [float(v) for v in (value if isinstance(value, list) else [value] * 3)]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -65,8 +66,8 @@ def write_card(model_path: str | os.PathLike, settings: dict) -> Path:
     if missing:
         raise InputError("model card", f"training settings lack {', '.join(missing)}")
     card = {"format": CARD_FORMAT, "code_version": __version__, "model": Path(model_path).name,
-            "settings": {k: _plain(settings[k]) for k in ENFORCED},
-            "training": {k: _plain(settings[k]) for k in RECORDED if k in settings}}
+            "settings": {k: as_json_data(settings[k]) for k in ENFORCED},
+            "training": {k: as_json_data(settings[k]) for k in RECORDED if k in settings}}
     path = card_path(model_path)
     write_json(path, card)
     return path
