@@ -250,17 +250,33 @@ def run_bundle(workflow: str, bundle_dir: str | Path = BUNDLE_DIR, tracking: str
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.bundle sync [--check]``: copy common.yaml into the standalone configs
-    (``--check``: only report the stale ones, exit 1 if any)."""
+    (``--check``: only report the stale ones, exit 1 if any). ``large-files --url URL``: after uploading
+    ``models/model.pt``, write its sha256 and that URL into ``large_files.yml`` (model-zoo's format)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.bundle", description=main.__doc__)
-    parser.add_argument("command", choices=["sync"])
-    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a copy is stale")
+    parser.add_argument("command", choices=["sync", "large-files"])
+    parser.add_argument("--check", action="store_true", help="sync: change nothing; exit 1 if a copy is stale")
+    parser.add_argument("--url", default="", help="large-files: where models/model.pt can be downloaded")
+    parser.add_argument("--bundle-dir", type=Path, default=BUNDLE_DIR, help=f"the bundle folder (default {BUNDLE_DIR})")
     args = parser.parse_args(argv)
-    stale = stale_configs() if args.check else sync_configs()
+    if args.command == "large-files":
+        return _large_files(args.bundle_dir, args.url)
+    stale = stale_configs(args.bundle_dir) if args.check else sync_configs(args.bundle_dir)
     for name in stale:
-        print(f"{'stale' if args.check else 'updated'}: {BUNDLE_DIR / 'configs' / name}")
+        print(f"{'stale' if args.check else 'updated'}: {args.bundle_dir / 'configs' / name}")
     return 1 if args.check and stale else 0
+
+
+def _large_files(bundle_dir: Path, url: str) -> int:
+    from pipeline.model.large_files import write_large_files
+
+    model = bundle_dir / "models" / "model.pt"
+    if not model.is_file():
+        print(f"error: {model}: no weights to list (train first)")
+        return 2
+    print(f"updated: {write_large_files(bundle_dir, model, url)}")
+    return 0
 
 
 if __name__ == "__main__":

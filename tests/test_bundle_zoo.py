@@ -24,13 +24,17 @@ import torch
 import yaml
 from monai.bundle import ConfigParser
 from monai.bundle import run as monai_bundle_run
-from monai.bundle import verify_metadata, verify_net_in_out
+from monai.apps.utils import HashCheckError
+from monai.bundle import download_large_files, verify_metadata, verify_net_in_out
 from test_train import tiny
 
 import pipeline
 from pipeline.bundle import (BUNDLE_DIR, BUNDLE_NAME, CONFIGS, SHARED_CONFIG, STANDALONE_CONFIGS, run_bundle,
                              stale_configs, sync_configs)
+from pipeline.bundle import main as bundle_main
 from pipeline.errors import InputError
+from pipeline.fingerprint import sha256_file
+from pipeline.model.large_files import LARGE_FILES
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "configs" / "bundle_meta_schema.json"
@@ -52,16 +56,22 @@ def _metadata() -> dict:
     return json.loads(META.read_text())
 
 
+def _zoo_settings(synth_root: Path, root: Path) -> dict:
+    """The zoo copy's two-step training settings (the default network, outputs inside the copy)."""
+    settings = {k: v for k, v in tiny(synth_root, root / "eval", root / "eval").items() if k not in ARCHITECTURE}
+    settings.update(ckpt_dir=str(root / "models"), train_steps=2, batch_size=4, val_interval=100)
+    return settings
+
+
 @pytest.fixture(scope="module")
 def zoo_bundle(synth_root, tmp_path_factory) -> Path:
     """A copy of the bundle laid out as model-zoo holds one, with a two-step ``models/model.pt`` (and its card)."""
     root = tmp_path_factory.mktemp("zoo") / BUNDLE_NAME
     for part in ("configs", "docs"):
         shutil.copytree(BUNDLE_DIR / part, root / part)
-    shutil.copy(BUNDLE_DIR / "LICENSE", root / "LICENSE")
-    settings = {k: v for k, v in tiny(synth_root, root / "eval", root / "eval").items() if k not in ARCHITECTURE}
-    settings.update(ckpt_dir=str(root / "models"), train_steps=2, batch_size=4, val_interval=100)
-    run_bundle("train", bundle_dir=root, quiet=True, **settings)
+    for name in ("LICENSE", LARGE_FILES):
+        shutil.copy(BUNDLE_DIR / name, root / name)
+    run_bundle("train", bundle_dir=root, quiet=True, **_zoo_settings(synth_root, root))
     return root
 
 
@@ -140,6 +150,8 @@ def test_inference_and_train_configs_read_alone():
                                    "run", "model_path"],
                 "train.yaml": ["bundle_root", "dataset_dir", "device", "network_def", "inferer", "initialize", "run",
                                "train#trainer", "train#dataloader", "train#handlers_all_ranks",
+                               # model-zoo's contributing guide: the datasets and the data they are built from
+                               "train#dataset", "train#dataset#data", "validate#dataset", "validate#dataset#data",
                                "train#handlers_rank0", "validate#evaluator", "validate#handlers_all_ranks",
                                "validate#handlers_rank0",
                                # lists MONAI's experiment tracking (--tracking mlflow) appends its handlers to
@@ -213,3 +225,53 @@ def test_inference_config_runs_alone(zoo_bundle, synth_root):
                      score_sections=["test"], residual_norm="none")
     index = json.loads((out / "scores" / "index.json").read_text())
     assert len(index["subjects"]) == len(list((out / "scores").rglob("*_score.nii.gz"))) > 0
+
+
+def test_train_and_validate_datasets_resolve_to_their_sections(zoo_bundle, synth_root):
+    """model-zoo's ``train#dataset`` / ``validate#dataset`` (and their ``#data``) resolve, on the zoo copy's
+    cache, to the slices of the training and validation subjects and those subjects' items."""
+    parser = ConfigParser(ConfigParser.load_config_file(zoo_bundle / "configs" / "train.yaml"))
+    parser.update({"bundle_root": str(zoo_bundle), **_zoo_settings(synth_root, zoo_bundle)})
+    split = json.loads((zoo_bundle / "eval" / "split.json").read_text())
+    for workflow_key, section in (("train", "train"), ("validate", "validation")):
+        dataset = parser.get_parsed_content(f"{workflow_key}#dataset")
+        data = parser.get_parsed_content(f"{workflow_key}#dataset#data")
+        assert sorted(item["subject"] for item in data) == sorted(split[section])
+        assert all(Path(item["image"]).is_file() and Path(item["label"]).is_file() for item in data)
+        assert len(dataset) > 0 and {row["subject"] for row in dataset.index} <= set(split[section])
+        assert parser.get_parsed_content(f"{workflow_key}#dataloader").dataset is dataset
+
+
+def test_shipped_large_files_and_data_license():
+    """As shipped: ``large_files.yml`` in model-zoo's format lists models/model.pt with no URL (no weights are
+    published) and no hash (none trained); ``docs/data_license.txt`` names the data licences."""
+    listed = ConfigParser.load_config_file(BUNDLE_DIR / LARGE_FILES)["large_files"]
+    assert listed == [{"path": "models/model.pt", "url": "", "hash_val": "", "hash_type": ""}]
+    text = (BUNDLE_DIR / "docs" / "data_license.txt").read_text()
+    assert "CC BY-SA 4.0" in text and "ICBM152" in text
+
+
+def test_training_writes_the_weights_hash_to_large_files(zoo_bundle, tmp_path):
+    """Training into the bundle's models/ writes model.pt's sha256 to large_files.yml; model-zoo's download step
+    then keeps the present file (hash checked, offline) and refuses a changed one."""
+    listed = ConfigParser.load_config_file(zoo_bundle / LARGE_FILES)["large_files"]
+    model = zoo_bundle / "models" / "model.pt"
+    assert listed == [{"path": "models/model.pt", "url": "", "hash_val": sha256_file(model), "hash_type": "sha256"}]
+    download_large_files(bundle_path=str(zoo_bundle))  # nothing to download: the file is there with its hash
+    copy = tmp_path / BUNDLE_NAME
+    shutil.copytree(zoo_bundle, copy, ignore=shutil.ignore_patterns("eval"))
+    (copy / "models" / "model.pt").write_bytes(model.read_bytes() + b"changed")
+    with pytest.raises(HashCheckError):
+        download_large_files(bundle_path=str(copy))
+
+
+def test_large_files_command_publishes_a_url(zoo_bundle, tmp_path):
+    """``python -m pipeline.bundle large-files --url``: the URL the user uploaded to, the hash recomputed."""
+    copy = tmp_path / BUNDLE_NAME
+    shutil.copytree(zoo_bundle, copy, ignore=shutil.ignore_patterns("eval"))
+    assert bundle_main(["large-files", "--bundle-dir", str(copy), "--url", "https://example.org/model.pt"]) == 0
+    [entry] = ConfigParser.load_config_file(copy / LARGE_FILES)["large_files"]
+    assert entry["url"] == "https://example.org/model.pt"
+    assert entry["hash_val"] == sha256_file(copy / "models" / "model.pt")
+    (copy / "models" / "model.pt").unlink()
+    assert bundle_main(["large-files", "--bundle-dir", str(copy)]) == 2

@@ -207,11 +207,23 @@ def test_validation_loader_is_shared_out_across_ranks_without_repeats(prepared, 
     (MONAI's metric handlers gather the shares); a single process goes over all of them in order."""
     from pipeline.model import train
 
-    n = len(SliceDataset(prepared.cache_dir, "validation"))
+    dataset = SliceDataset(prepared.cache_dir, "validation")
+    n = len(dataset)
     shares = []
     for rank in (0, 1):
         monkeypatch.setattr(train, "rank_and_world", lambda rank=rank: (rank, 2))
-        shares.append(list(train.slice_loader(prepared.cache_dir, "validation", batch_size=4, shuffle=False).sampler))
+        shares.append(list(train.slice_loader(dataset, batch_size=4, shuffle=False).sampler))
     assert n >= 3 and shares[0] and shares[1] and sorted(shares[0] + shares[1]) == list(range(n))
     monkeypatch.setattr(train, "rank_and_world", lambda: (0, 1))
-    assert list(train.slice_loader(prepared.cache_dir, "validation", shuffle=False).sampler) == list(range(n))
+    assert list(train.slice_loader(dataset, shuffle=False).sampler) == list(range(n))
+
+
+def test_section_dataset_holds_its_subjects_data(prepared):
+    """``train#dataset#data`` (model-zoo's key): the section's subject items; a cache cut from other subjects
+    is refused."""
+    data = prepared.datalist("train")
+    assert sorted(item["subject"] for item in data) == sorted(prepared.split["train"])
+    assert all(Path(item["image"]).is_file() and Path(item["label"]).is_file() for item in data)
+    assert SliceDataset(prepared.cache_dir, "train", data).data == data
+    with pytest.raises(InputError, match="not in the dataset's data"):
+        SliceDataset(prepared.cache_dir, "train", prepared.datalist("validation"))

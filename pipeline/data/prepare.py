@@ -21,11 +21,18 @@ from pipeline.data.split import read_or_make_split
 
 @dataclass
 class PreparedData:
-    """What ``prepare_data`` hands to training: the split and the cache folder."""
+    """What ``prepare_data`` hands to training: the split, the cache folder and the subjects' items."""
 
     split: dict
     cache_dir: Path
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    items: list[dict] = field(default_factory=list)
+
+    def datalist(self, section: str) -> list[dict]:
+        """The items (``subject``, ``image``, ``label``) of one split section: the data a section's slice
+        dataset was cut from (model-zoo's ``train#dataset#data``)."""
+        names = set(self.split[section])
+        return [item for item in self.items if item["subject"] in names]
 
 
 def prepare_data(
@@ -47,7 +54,8 @@ def prepare_data(
     removed (the lock file while still held, folders only when empty, so nothing that existed before
     or that another preparer wrote is touched).
     """
-    subjects, test = split_subjects(load_subjects(dataset_dir).data)
+    items = load_subjects(dataset_dir).data
+    subjects, test = split_subjects(items)
     cache_root = Path(cache_root)
     created = _make_folders(cache_root)
     lock_path = cache_root / ".prepare.lock"
@@ -67,7 +75,7 @@ def prepare_data(
     except BaseException:
         _remove_empty_folders(created)
         raise
-    return PreparedData(split=split, cache_dir=cache_dir, preprocess=preprocess)
+    return PreparedData(split=split, cache_dir=cache_dir, preprocess=preprocess, items=items)
 
 
 def _make_folders(folder: Path) -> list[Path]:

@@ -197,14 +197,22 @@ def check_subjects(items: list[dict], workers: int = 2, progress: bool = True) -
 
 
 class SliceDataset(Dataset):
-    """Healthy 2D slices from the cache, memory-mapped: ``{"image": (C, H, W) float32}``."""
+    """Healthy 2D slices from the cache, memory-mapped: ``{"image": (C, H, W) float32}``.
 
-    def __init__(self, cache_dir: str | os.PathLike, section: str = "train"):
+    ``data``: the subject items (``subject``, ``image``, ``label``) the section was cut from, as a MONAI
+    dataset's ``data`` (model-zoo's ``train#dataset#data``); given, every cached slice must come from one
+    of them, so a cache of other subjects is refused rather than trained on.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, section: str = "train", data: list[dict] | None = None):
         path = Path(cache_dir) / f"{section}_images.npy"
         if not path.is_file():
             raise InputError(path, "slice cache not found; build it with `pipeline prepare`")
         self.images = np.load(path, mmap_mode="r")
         self.index = read_json(Path(cache_dir) / f"{section}_index.json", "slice cache index")
+        self.data = data
+        if data is not None:
+            _check_cached_subjects(self.index, data, path)
 
     def __len__(self):
         return len(self.images)
@@ -213,11 +221,19 @@ class SliceDataset(Dataset):
         return {"image": torch.from_numpy(np.array(self.images[i]))}
 
 
+def _check_cached_subjects(index: list[dict], data: list[dict], source: Path) -> None:
+    """Every cached slice belongs to a subject of ``data``."""
+    stray = sorted({row["subject"] for row in index} - {item["subject"] for item in data})
+    if stray:
+        raise InputError(source, f"holds slices of {len(stray)} subject(s) not in the dataset's data "
+                                 f"(first: {stray[0]}); rebuild the cache for this split")
+
+
 class LabelledSliceDataset(SliceDataset):
     """Slices of the labelled cache: ``{"image": (C, H, W) float32, "label": int64 (0 healthy, 1 tumour)}``."""
 
-    def __init__(self, cache_dir: str | os.PathLike, section: str = "train"):
-        super().__init__(cache_dir, section)
+    def __init__(self, cache_dir: str | os.PathLike, section: str = "train", data: list[dict] | None = None):
+        super().__init__(cache_dir, section, data)
         path = Path(cache_dir) / f"{section}_labels.npy"
         if not path.is_file():
             raise InputError(path, "slice labels not found: this is not a labelled cache (prepare with labelled=True)")

@@ -243,13 +243,24 @@ def save_model(path: str | os.PathLike, module: torch.nn.Module, card: dict | No
 
 
 class SaveFinalModel:
-    """Ignite handler: write ``model.pt`` (EMA weights) and its card when training completes."""
+    """Ignite handler: write ``model.pt`` (EMA weights) and its card when training completes; with
+    ``bundle_root`` (and the weights inside it) also refresh the bundle's ``large_files.yml``
+    (:mod:`pipeline.model.large_files`: their sha256, ``url`` as given)."""
 
-    def __init__(self, path: str | os.PathLike, module: torch.nn.Module, card: dict | None = None):
+    def __init__(self, path: str | os.PathLike, module: torch.nn.Module, card: dict | None = None,
+                 bundle_root: str | os.PathLike | None = None, url: str = ""):
         self.path, self.module, self.card = path, module, card
+        self.bundle_root, self.url = bundle_root, url
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, lambda _: save_model(self.path, self.module, self.card))
+        engine.add_event_handler(Events.COMPLETED, lambda _: self.save())
+
+    def save(self) -> None:
+        from pipeline.model.large_files import write_large_files
+
+        save_model(self.path, self.module, self.card)
+        if self.bundle_root is not None:
+            write_large_files(self.bundle_root, self.path, self.url)
 
 
 class ResetOnStart:

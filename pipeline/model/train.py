@@ -9,7 +9,6 @@ simplex or coarse noise, an EMA of the weights, atomic checkpoints with resume (
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from monai.data import DistributedSampler as MonaiDistributedSampler
@@ -18,7 +17,7 @@ from monai.networks.schedulers import DDPMScheduler
 from torch.utils.data import DataLoader
 
 from pipeline.common import is_int
-from pipeline.data.slice_cache import LabelledSliceDataset, SliceDataset
+from pipeline.data.slice_cache import SliceDataset
 from pipeline.errors import InputError
 from pipeline.model.checkpoint import EpochSampler, gather, rank_and_world
 from pipeline.model.noise import NoiseGenerator
@@ -119,10 +118,10 @@ def clean_outside(images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Te
     return mask * noise + (1 - mask) * context
 
 
-def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_size: int = 32,
-                 shuffle: bool = True, num_workers: int = 0, seed: int = 0, pin_memory: bool = False,
-                 labelled: bool = False) -> DataLoader:
-    """Loader over cached healthy slices, in an order a resumed run can replay (:class:`EpochSampler`).
+def slice_loader(dataset: SliceDataset, batch_size: int = 32, shuffle: bool = True, num_workers: int = 0,
+                 seed: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Loader over cached slices (a :class:`SliceDataset`, the config's ``train#dataset``), in an order a
+    resumed run can replay (:class:`EpochSampler`).
 
     The loader's own seeded generator draws the worker base seeds, so iterating it never touches the
     global torch RNG (a resumed run creates its iterators at other moments than an uninterrupted one).
@@ -130,9 +129,7 @@ def slice_loader(cache_dir: str | os.PathLike, section: str = "train", batch_siz
     how the run was launched would let every rank go over all slices): a shuffled one by
     :class:`EpochSampler`, an ordered one (validation) in disjoint shares without padding, so every
     slice is seen once and MONAI's metric handlers gather the shares into one value.
-    ``labelled``: slices with their slice labels, from the labelled cache (guided training).
     """
-    dataset = (LabelledSliceDataset if labelled else SliceDataset)(cache_dir, section)
     rank, world = rank_and_world()
     if shuffle:
         sampler = EpochSampler(dataset, shuffle=True, seed=seed, distributed=world > 1)
