@@ -45,6 +45,6 @@ def test_the_main_job_runs_from_an_installed_wheel_in_an_empty_folder(tmp_path):
     assert where[0].startswith(str(venv)) and where[1].startswith(str(venv)), where  # the wheel, not this checkout
     argv = [venv / "bin" / "pipeline", "benchmark", "configs/benchmark/default.yaml", "--quiet"]
     result = _run(*argv, *[x for s in SHRINK for x in ("--set", s)], cwd=empty)
-    assert "diffusion-x0-4ch-pos-s0" in result.stdout and "flair-baseline-s0" in result.stdout
+    assert "diffusion-x0-4ch-pos-3draws-s0" in result.stdout and "flair-baseline-s0" in result.stdout
     assert sorted(p.name for p in empty.iterdir()) == ["data", "results"]
     assert (empty / "results" / "leaderboard.csv").is_file()
