@@ -35,6 +35,28 @@ SHARED_BEGIN = "# >>> common.yaml, copied by `python -m pipeline.bundle sync`: e
 SHARED_END = "# <<< common.yaml\n"
 
 
+def bundle_root() -> str:
+    """The bundle folder a config works in when no ``bundle_root`` is given (common.yaml's default).
+
+    MONAI gives a config no access to its own path, so a fixed relative default can only be right from
+    one working directory. This finds the folder wherever the command runs: the parent of the config
+    folder of the MONAI workflow being run (``python -m monai.bundle run --config_file <bundle>/configs/..``,
+    from any folder); else, for a config read by other tools, the working directory when it is a bundle
+    (it holds ``configs/metadata.json``); else the bundle this package ships."""
+    import inspect
+
+    from monai.bundle import ConfigWorkflow
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, ConfigWorkflow):
+            return str(Path(owner.config_root_path).resolve().parent)
+        frame = frame.f_back
+    here = Path.cwd()
+    return str(here if (here / "configs" / "metadata.json").is_file() else BUNDLE_DIR)
+
+
 def config_files(workflow: str, bundle_dir: str | Path = BUNDLE_DIR) -> list[str]:
     """Config files (a complete config first, then its overlays) that make up one workflow of the bundle."""
     if workflow not in CONFIGS:

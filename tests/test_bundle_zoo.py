@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 import tomllib
 import warnings
 from pathlib import Path
@@ -275,3 +278,42 @@ def test_large_files_command_publishes_a_url(zoo_bundle, tmp_path):
     assert entry["hash_val"] == sha256_file(copy / "models" / "model.pt")
     (copy / "models" / "model.pt").unlink()
     assert bundle_main(["large-files", "--bundle-dir", str(copy)]) == 2
+
+
+SCORE_TEST_ONLY = {"pixdim": "[4.0,4.0,4.0]", "score_sections": "['test']", "residual_norm": "none",
+                   "progress": "false", "num_workers": "1"}
+"""Settings of a quick config-only scoring run of the zoo model (as test_inference_config_runs_alone)."""
+
+
+def _outputs_outside(folder: Path, since: float, roots: list[Path]) -> list[Path]:
+    """Files written after ``since`` under ``roots`` but not inside ``folder``."""
+    return [p for root in roots for p in root.rglob("*")
+            if p.is_file() and p.stat().st_mtime >= since and not p.resolve().is_relative_to(folder.resolve())]
+
+
+def test_config_only_run_from_inside_the_bundle_folder(zoo_bundle, synth_root, tmp_path):
+    """``cd <bundle> && python -m monai.bundle run --config_file configs/inference.yaml`` with no bundle_root
+    and no output paths: everything lands inside that bundle folder (a copy anywhere), nothing beside it."""
+    copy = tmp_path / "elsewhere" / BUNDLE_NAME
+    shutil.copytree(zoo_bundle, copy, ignore=shutil.ignore_patterns("scores", "schema.json"))
+    args = [arg for key, value in {"dataset_dir": str(synth_root), **SCORE_TEST_ONLY}.items()
+            for arg in (f"--{key}", value)]
+    started = time.time()
+    run = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
+                          *args], cwd=copy, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    index = json.loads((copy / "eval" / "scores" / "index.json").read_text())
+    assert index["subjects"] and len(list((copy / "eval" / "scores").rglob("*_score.nii.gz"))) == len(index["subjects"])
+    assert not (copy / "bundles").exists()
+    assert _outputs_outside(copy, started, [tmp_path]) == []
+
+
+def test_config_run_from_another_folder_writes_into_the_bundle(zoo_bundle, synth_root, tmp_path, monkeypatch):
+    """The same from an unrelated working directory, the config named by its full path (MONAI's Python entry)."""
+    copy = tmp_path / BUNDLE_NAME
+    shutil.copytree(zoo_bundle, copy, ignore=shutil.ignore_patterns("scores", "schema.json"))
+    monkeypatch.chdir(tmp_path / "..")
+    settings = {**SCORE_TEST_ONLY, "pixdim": [4.0, 4.0, 4.0], "score_sections": ["test"], "progress": False}
+    monai_bundle_run(config_file=str(copy / "configs" / "inference.yaml"), dataset_dir=str(synth_root), **settings)
+    assert json.loads((copy / "eval" / "scores" / "index.json").read_text())["subjects"]
+    assert not (tmp_path.parent / "eval").exists()
