@@ -23,6 +23,8 @@ BASELINE = "flair"
 """Sampler name of the FLAIR-intensity baseline (no model; the map is the intensity)."""
 GUIDED = "guided"
 """Sampler name of the weakly supervised counterfactuals (:mod:`pipeline.scoring.guided`): a class-conditional model."""
+SUPERVISION_LEVELS = ("unsupervised", "weak slice labels")
+"""What a method may have learnt from (run records, leaderboard rows, the CLI's --supervision)."""
 
 
 def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:

@@ -33,7 +33,7 @@ from pipeline.data.dataset import dataset_fingerprint, task_paths
 from pipeline.errors import InputError
 from pipeline.layout import project_file
 from pipeline.leaderboard.registry import check_name, protocol_hash, split_fingerprint
-from pipeline.leaderboard.submission import METHOD_PATTERN
+from pipeline.leaderboard.columns import METHOD_PATTERN
 from pipeline.scoring.maps import read_index
 
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
@@ -204,6 +204,15 @@ def config_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+RUN_PLACES = ("dataset_dir", "split_file", "cache_dir", "split_seed", "progress")
+"""Bundle settings that say where a run reads and writes, not how its maps are made: outside its config hash."""
+
+
+def hashed_settings(settings: dict) -> dict:
+    """The settings a run's ``config_hash`` covers (what makes the maps; no places, no progress bars)."""
+    return {k: v for k, v in settings.items() if k not in RUN_PLACES and not k.endswith("_dir")}
+
+
 # ----------------------------------------------------------------------------------------------
 # running
 
@@ -255,8 +264,8 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
     split = protocol.get("split", {})
     shared = {"dataset_dir": str(dataset_root), "split_file": str(results / "split.json"),
               "cache_dir": str(results / "cache"), "split_seed": split.get("seed", 0), "progress": progress}
-    if split.get("train_domains") and not Path(shared["split_file"]).is_file():
-        write_json(shared["split_file"], canonical_split(protocol))  # the workflows reuse a split file they find
+    if not Path(shared["split_file"]).is_file():  # the workflows reuse a split file they find: the bound split
+        write_json(shared["split_file"], canonical_split(protocol))
     train = entry_train_settings(protocol, entry)
     train_workflow, inference_workflow = entry_workflows(entry)
     model_dir = model_folder(results, entry, train)
@@ -273,7 +282,7 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
     inference_seconds = time.perf_counter() - start
     run_bundle("evaluate", trust_expressions=trust_expressions, **settings)
     env = environment()
-    hashed = {k: v for k, v in settings.items() if k not in shared and not k.endswith("_dir") and k != "progress"}
+    hashed = hashed_settings(settings)
     write_json(run_dir / "config.json", settings)
     write_json(run_dir / "environment.json", env)
     write_json(run_dir / "run.json", {
@@ -376,12 +385,14 @@ def validation_only(protocol: dict) -> bool:
 
 
 def canonical_split(protocol: dict) -> dict:
-    """The patient split the protocol defines (its seed over the dataset's subjects), computed
-    afresh: what a leaderboard binds to, never a split file found in a results folder."""
+    """The patient split the protocol defines (its seed and method over the dataset's subjects), computed
+    afresh: what a leaderboard binds to, never a split file found in a results folder. ``split.method``
+    defaults to ``random``, the method every protocol written before stratified splits is bound to."""
     from pipeline.data.dataset import dataset_split  # a hidden-label dataset's listed test subjects stay the test
 
     split = protocol.get("split", {})
-    return dataset_split(protocol["dataset"]["dir"], seed=split.get("seed", 0), train_domains=split.get("train_domains"))
+    return dataset_split(protocol["dataset"]["dir"], seed=split.get("seed", 0), train_domains=split.get("train_domains"),
+                         method=split.get("method", "random"))
 
 
 def protocol_for_submission(protocol: dict) -> dict:

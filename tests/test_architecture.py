@@ -24,7 +24,7 @@ LAYERS = {
     "leaderboard": 5,
     "wiring": 6,       # bundle, protocols, api, cli/, __main__
 }
-WIRING = {"bundle", "protocols", "api", "cli", "__main__"}
+WIRING = {"bundle", "protocols", "verify", "api", "cli", "__main__"}
 STAGES = {"data", "model", "scoring", "evaluation", "leaderboard"}
 
 

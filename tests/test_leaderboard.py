@@ -407,9 +407,9 @@ def test_show_gives_markdown_and_html(board, tmp_path):
     html_path = tmp_path / "out" / "board.html"
     text = show(board, protocol_id="p1", metric="auroc", html_path=html_path)
     lines = text.splitlines()
-    assert lines[0].startswith("| rank | method | supervision | test n | auroc [95% CI] |") and "differs from top (p<0.05)" in lines[0]
+    assert lines[0].startswith("| rank | method | supervision | source | test n | auroc [95% CI] |") and "differs from top (p<0.05)" in lines[0]
     assert set(lines[1]) <= set("|-") and len(lines) == 2 + 4
-    assert lines[2].startswith("| 1 | top | unsupervised | 10 | 0.750 [0.650, 0.850] |") and "| top |" in lines[2]
+    assert lines[2].startswith("| 1 | top | unsupervised | pipeline run | 10 | 0.750 [0.650, 0.850] |") and "| top |" in lines[2]
     assert "yes (p=" in lines[-1] and "| worse |" in lines[-1]
     page = html_path.read_text()
     assert page.startswith("<!DOCTYPE html>") and "<table" in page and "worse" in page

@@ -1,4 +1,4 @@
-"""``pipeline benchmark`` and ``pipeline leaderboard init | submit | show | site``."""
+"""``pipeline benchmark`` and ``pipeline leaderboard init | submit | kit | submit-maps | verify | show | site``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline.cli.args import (DEFAULT_LEADERBOARD, add_command, leaderboard_option, parse_assignments, set_option,
                                trust_flag)
+from pipeline.common import SUPERVISION_LEVELS
 
 METRIC_CHOICES = ["auprc", "auroc", "dice"]
 
@@ -53,6 +54,35 @@ def _cmd_submit(args) -> None:
           f"Dice {row['dice']:.4f}")
 
 
+def _cmd_kit(args) -> None:
+    from pipeline.leaderboard.kit import write_kit
+
+    manifest = write_kit(args.leaderboard, args.protocol_id, args.out)
+    split = manifest["split"]
+    print(f"{args.out}: kit of protocol {args.protocol_id} ({len(split['validation'])} validation and "
+          f"{len(split['test'])} test subjects; test labels {manifest['test_labels']}); read {args.out}/SUBMITTING.md")
+
+
+def _cmd_submit_maps(args) -> None:
+    from pipeline.leaderboard.external import submit_maps
+
+    row = submit_maps(args.maps_dir, args.leaderboard, args.protocol_id, args.method, args.supervision,
+                      description=args.description, code_url=args.code_url, run_dir=args.run_dir,
+                      ground_truth_dir=args.ground_truth)
+    print(f"submitted {row['method']} (external maps) to {args.leaderboard}: AUROC {row['auroc']:.4f}, "
+          f"AUPRC {row['auprc']:.4f}, Dice {row['dice']:.4f}; run folder {row['run_dir']}")
+
+
+def _cmd_verify(args) -> None:
+    from pipeline.bundle import quiet_logs
+    from pipeline.verify import verify_row
+
+    with quiet_logs(args.quiet):
+        verdict, diffs = verify_row(args.leaderboard, args.row_id, tolerance=args.tolerance,
+                                    ground_truth_dir=args.ground_truth, trust_expressions=args.trust_expressions)
+    print(f"row {args.row_id}: {verdict}" + (f" ({'; '.join(diffs)})" if diffs else ""))
+
+
 def _cmd_show(args) -> None:
     from pipeline.leaderboard.ranking import show
 
@@ -82,7 +112,7 @@ def add_benchmark_command(sub) -> None:
 
 
 def add_leaderboard_commands(sub) -> None:
-    """``leaderboard init | submit | show | site``."""
+    """``leaderboard init | submit | kit | submit-maps | verify | show | site``."""
     p = sub.add_parser("leaderboard", help="submit a run folder or show the ranked table")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = add_command(actions, "init", _cmd_init, "bind the leaderboard to a protocol (its hash, data content and split)")
@@ -100,6 +130,32 @@ def add_leaderboard_commands(sub) -> None:
     set_option(q)
     leaderboard_option(q)
     _ground_truth_option(q, "organiser's folder with the hidden test labels (GT_DIR/labelsTs/<subject>.nii.gz)")
+    q = add_command(actions, "kit", _cmd_kit, "write a participant's kit for a registered protocol: validation and "
+                                              "test images, validation labels, map grids, SUBMITTING.md")
+    q.add_argument("--protocol-id", required=True, help="a protocol registered on the leaderboard")
+    q.add_argument("--out", required=True, help="kit folder (replaced whole)")
+    leaderboard_option(q)
+    q = add_command(actions, "submit-maps", _cmd_submit_maps, "submit maps made by any code: one <subject>.nii.gz "
+                                                              "per validation and test subject of a registered protocol")
+    q.add_argument("maps_dir", help="folder of <subject>.nii.gz float maps on the kit's grids")
+    q.add_argument("--protocol-id", required=True, help="a protocol registered on the leaderboard")
+    q.add_argument("--method", required=True, help="entry name (letters, digits, '._+-')")
+    q.add_argument("--supervision", required=True, choices=list(SUPERVISION_LEVELS),
+                   help="what the method learnt from: images only, or slice-level labels")
+    q.add_argument("--description", default=None, help="one paragraph, shown on the site (at most 500 characters)")
+    q.add_argument("--code-url", default=None, help="http(s) address of the method's code")
+    q.add_argument("--run-dir", default=None, help="where the assembled run folder goes (default: "
+                                                   "submissions/<protocol>/<method>-<id> beside the CSV)")
+    leaderboard_option(q)
+    _ground_truth_option(q, "organiser's folder with the hidden test labels (GT_DIR/labelsTs/<subject>.nii.gz)")
+    q = add_command(actions, "verify", _cmd_verify, "re-run a pipeline row from its recorded settings and model "
+                                                    "weights; mark it reproduced when the test metrics agree")
+    q.add_argument("row_id", help="the row's 32-hex id (leaderboard CSV, first column)")
+    q.add_argument("--tolerance", type=float, default=1e-6, help="largest absolute difference counted as equal "
+                                                                 "(default 1e-6; other hardware may need more)")
+    leaderboard_option(q)
+    _ground_truth_option(q, "organiser's folder with the hidden test labels (GT_DIR/labelsTs/<subject>.nii.gz)")
+    trust_flag(q)
     q = add_command(actions, "show", _cmd_show, "ranked table (Markdown) with 95 %% intervals and paired tests")
     leaderboard_option(q)
     q.add_argument("--protocol-id", default=None)

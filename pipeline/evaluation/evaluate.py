@@ -21,7 +21,6 @@ count lesions once its threshold is chosen.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from pipeline.errors import InputError
 from pipeline.evaluation.lesions import LesionCounter, csv_columns
 from pipeline.evaluation.metrics import auroc
 from pipeline.evaluation.pooled import ScoreAccumulator
-from pipeline.evaluation.report import write_report
+from pipeline.evaluation.report import example_from_volume, write_report
 from pipeline.evaluation.subject_metrics import (SUBJECT_SCORE_PERCENTILE, reconstruction_figures, slice_labels,
                                                  slice_scores, subject_detection_auroc, subject_score, voxel_volume_ml)
 from pipeline.layout import HIDDEN_TEST_KEY, ground_truth_label
@@ -363,16 +362,22 @@ def evaluate_scores(dataset_dir: str | os.PathLike, scores_dir: str | os.PathLik
     are written while each test subject is in memory. ``ground_truth_dir``: the hidden test
     labels, for a dataset that has none of its own.
     """
+    examples: dict[str, dict] = {}  # one slice per test subject, for a run that saved none of its own
+
+    def on_test_subject(name: str, data: dict, threshold: float) -> None:
+        write_mask(tmp / "masks", name, data, threshold)
+        examples[name] = example_from_volume(name, data)
+
     with atomic_dir(Path(out_dir)) as tmp:
         result = compute_metrics(dataset_dir, scores_dir, method, n_boot, seed, progress, ground_truth_dir,
-                                 on_test_subject=functools.partial(write_mask, tmp / "masks"))
+                                 on_test_subject=on_test_subject)
         write_json(tmp / "metrics.json", result.metrics)
         if result.metrics["test"] is not None:  # a validation-only study run gets numbers only
-            _write_tables(tmp, result, Path(scores_dir))
+            _write_tables(tmp, result, Path(scores_dir), examples)
     return result.metrics
 
 
-def _write_tables(folder: Path, result: Evaluation, scores_dir: Path) -> None:
+def _write_tables(folder: Path, result: Evaluation, scores_dir: Path, examples: dict[str, dict]) -> None:
     """``per_subject.csv`` and ``report.png`` of a run with test subjects."""
     test = result.metrics["test"]
     tumour_voxels = {name: s.tumour_voxels for name, s in result.subjects.items()}
@@ -380,7 +385,7 @@ def _write_tables(folder: Path, result: Evaluation, scores_dir: Path) -> None:
     pd.DataFrame([{"subject": s, "dice": dice, "tumour_voxels": tumour_voxels[s], **csv_columns(lesions[s])}
                   for s, dice in test["per_subject_dice"].items()]).to_csv(folder / "per_subject.csv", index=False)
     write_report(folder / "report.png", scores_dir, read_index(scores_dir), tumour_voxels, result.voxels,
-                 test["dice_threshold_from_validation"], result.metrics)
+                 test["dice_threshold_from_validation"], result.metrics, examples)
 
 
 def _slice_auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:

@@ -37,12 +37,22 @@ def _example_slices(scores_dir: Path, index: dict, names: list[str]) -> list[dic
     return rows
 
 
+def example_from_volume(name: str, data: dict) -> dict:
+    """An example row from a subject's original-grid volumes (map, tumour, brain): its slice along the third
+    axis with most tumour. For runs without preprocessed-grid slices (maps made elsewhere): no input or
+    reconstruction panel then."""
+    k = int(np.argmax(data["tumour"].sum(axis=(0, 1)))) if data["tumour"].any() else data["score"].shape[2] // 2
+    return {"subject": name, "z": k, "image": None, "recon": None, "map": data["score"][None, :, :, k] * data["brain"][..., k],
+            "brain": data["brain"][None, :, :, k], "tumour": data["tumour"][..., k]}
+
+
 def write_report(path: Path, scores_dir: Path, index: dict, tumour_voxels: dict[str, int], test, threshold: float,
-                 metrics: dict) -> None:
+                 metrics: dict, volume_examples: dict[str, dict] | None = None) -> None:
     """Write the figure people look at first: does the map light up where the tumour is?
 
     ``tumour_voxels`` (per test subject) picks the examples, most tumour first; ``test`` is the
     pooled test :class:`~pipeline.evaluation.pooled.ScoreAccumulator` (for the curves).
+    ``volume_examples`` (:func:`example_from_volume` per test subject) stand in where the run saved no slices.
     """
     import matplotlib
 
@@ -51,6 +61,8 @@ def write_report(path: Path, scores_dir: Path, index: dict, tumour_voxels: dict[
 
     names = sorted(tumour_voxels, key=lambda s: -tumour_voxels[s])
     rows = _example_slices(scores_dir, index, names)
+    if not rows and volume_examples:
+        rows = [volume_examples[name] for name in names if name in volume_examples][:ROWS]
     n = max(1, len(rows))
     fig = plt.figure(figsize=(15, 3 * n + 3.6), constrained_layout=True)
     grid = fig.add_gridspec(n + 1, 5, height_ratios=[3] * n + [3.6])
@@ -65,9 +77,14 @@ def write_report(path: Path, scores_dir: Path, index: dict, tumour_voxels: dict[
 
 def _panels(row: dict, threshold: float, vmax: float) -> list[tuple[str, np.ndarray, str, float]]:
     """(title, image, colour map, upper limit) of one example row, left to right."""
-    grey = max(float(row["image"][0].max()), 1e-6)  # input and reconstruction on one grey scale
-    return [("input (ch 0)", row["image"][0], INTENSITY_CMAP, grey),
-            ("reconstruction", row["recon"][0], INTENSITY_CMAP, grey),
+    if row["image"] is None:  # maps made elsewhere: the brain mask stands in for the input, no reconstruction
+        inputs = [("brain (input not in this run)", row["brain"][0], MASK_CMAP, 1),
+                  ("reconstruction: not saved", np.zeros_like(row["brain"][0], dtype=float), INTENSITY_CMAP, 1)]
+    else:
+        grey = max(float(row["image"][0].max()), 1e-6)  # input and reconstruction on one grey scale
+        inputs = [("input (ch 0)", row["image"][0], INTENSITY_CMAP, grey),
+                  ("reconstruction", row["recon"][0], INTENSITY_CMAP, grey)]
+    return [*inputs,
             ("anomaly map", row["map"][0], SCORE_CMAP, vmax),
             ("ground truth", row["tumour"], MASK_CMAP, 1),
             (f"prediction (> {threshold:.3g})", row["map"][0] > threshold, MASK_CMAP, 1)]

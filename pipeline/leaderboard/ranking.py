@@ -28,8 +28,9 @@ from pipeline.common import read_optional_json
 from pipeline.errors import InputError
 from pipeline.evaluation.metrics import METRICS
 from pipeline.leaderboard.clones import NEEDS_REVIEW, review_status
+from pipeline.leaderboard.columns import COMPARABLE, REPRODUCED, ROW_ID_PATTERN, SOURCES, SUPERVISION
 from pipeline.leaderboard.registry import read_registry
-from pipeline.leaderboard.submission import COMPARABLE, ROW_ID_PATTERN, SUPERVISION, read_leaderboard, subjects_dir
+from pipeline.leaderboard.submission import read_leaderboard, subjects_dir
 
 ALPHA = 0.05
 """Significance level of the paired test against the top entry."""
@@ -111,6 +112,18 @@ ADDED_DISPLAY = {"subject_auroc": ("subject AUROC", ".3f"), "fp_ml_healthy": ("F
 """Header and format of the added columns in the ranked table (blank where a row lacks them)."""
 
 
+def source_text(row) -> str:
+    """Where a row's maps came from, and whether the organiser has reproduced it (``leaderboard verify``)."""
+    source = str(row.get("source") or "").lstrip("'") or SOURCES[0]
+    verdict = str(row.get("reproduced") or "")
+    return f"{source}, {verdict}" if verdict in REPRODUCED else source
+
+
+def self_reported(row, column: str) -> bool:
+    """Whether ``column`` of ``row`` was copied from the submitter's run unchecked (see :data:`SELF_REPORTED`)."""
+    return column in str(row.get("self_reported") or "").split()
+
+
 def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     def num(x, spec=".3f"):
         return "" if pd.isna(x) else format(x, spec)
@@ -128,11 +141,13 @@ def _display(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame({
         "rank": ["review" if pd.isna(r) else str(r) for r in table["rank"]], "method": table["method"],
         "supervision": table["supervision"].map(lambda v: v or SUPERVISION[0]),
+        "source": [source_text(r) for r in rows],
         "test n": table["test_subjects"].map(lambda n: "" if pd.isna(n) else str(int(n))),
         f"{metric} [95% CI]": [f"{num(r[metric])} [{num(r[metric + '_ci_low'])}, {num(r[metric + '_ci_high'])}]"
                                for r in rows],
         **{m: table[m].map(num) for m in (*METRICS, "dice_oracle") if m != metric},
-        **{label: [num(x, spec) for x in table[c]] for c, (label, spec) in ADDED_DISPLAY.items()},
+        **{label: [num(r[c], spec) + ("*" if self_reported(r, c) else "") for r in rows]
+           for c, (label, spec) in ADDED_DISPLAY.items()},
         f"differs from top (p<{ALPHA:g})": [differs(r) for r in rows],
         "protocol": table["protocol_id"], "seed": table["seed"].map(lambda s: "" if pd.isna(s) else str(int(s))),
         "code": table["code_version"], "submitted (UTC)": table["submitted_at"],
@@ -161,4 +176,9 @@ def show(csv_path, protocol_id=None, metric: str = "auprc", html_path=None) -> s
         with atomic_path(html_path, suffix=".html") as tmp:
             tmp.write_text(f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n"
                            f"<body><h1>{title}</h1>\n{body}\n</body></html>\n", encoding="utf-8")
-    return _markdown(frame)
+    marked = any(str(v).endswith("*") for label, _ in ADDED_DISPLAY.values() for v in frame[label])
+    return _markdown(frame) + (f"\n\n{SELF_REPORTED_NOTE}" if marked else "")
+
+
+SELF_REPORTED_NOTE = ("`*` self-reported: the run's own figure (reconstructions are not saved, so nothing recomputes "
+                      "it); `pipeline leaderboard verify ROW_ID` re-runs the entry and checks it")

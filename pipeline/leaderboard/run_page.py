@@ -49,6 +49,29 @@ def paired_badge(row, metric: str) -> tuple[str, float]:
     return f'<span class="badge b-same" title="{esc(tip)}">&#8776; p={p:.2g}</span>', p
 
 
+def source_badges(row) -> str:
+    """Badges for maps made elsewhere (``external``) and for an entry the organiser re-ran (``reproduced``)."""
+    out = ""
+    if str(row.get("source") or "").lstrip("'") == "external maps":
+        out += ' <span class="badge" title="maps made by the submitter\'s own code, submitted with submit-maps">external</span>'
+    verdict = str(row.get("reproduced") or "")
+    if verdict == "reproduced":
+        out += (' <span class="badge b-top" title="re-run by the organiser from its recorded settings and weights: '
+                'the same test metrics">reproduced</span>')
+    elif verdict == "not reproduced":
+        out += ' <span class="badge b-diff" title="re-run by the organiser: other test metrics">not reproduced</span>'
+    return out
+
+
+def _submitter(row) -> list[tuple[str, str]]:
+    """Source, description and code link of a row (user text, escaped; a link only to an http(s) address)."""
+    code = str(row.get("code_url") or "").lstrip("'")
+    link = (f'<a href="{esc(code)}" rel="nofollow noopener">{esc(code)}</a>'
+            if code.startswith(("https://", "http://")) and not any(c.isspace() for c in code) else esc(code))
+    return [("source", esc(str(row.get("source") or "pipeline run").lstrip("'")) + source_badges(row)),
+            ("description", esc(str(row.get("description") or "").lstrip("'"))), ("code", link)]
+
+
 def with_ci(row, m: str, sep: str = " ") -> str:
     return (f"{num(row[m])}{sep}<span class=ci>[{num(row[m + '_ci_low'])}, {num(row[m + '_ci_high'])}]</span>"
             if not missing(row[m]) else "")
@@ -174,10 +197,14 @@ def _summary(row, metric: str) -> list[tuple[str, str]]:
         ("Dice oracle (best threshold on test)", num(row["dice_oracle"])),
         ("subject-level AUROC (tumour vs healthy subjects)", num(row["subject_auroc"])),
         ("false-positive ml per healthy test subject", num(row["fp_ml_healthy"], ".2f")),
-        ("validation residual healthy / tumour:healthy",
+        ("validation residual healthy / tumour:healthy" + _self_reported(row, "healthy_residual"),
          _pair(num(row["healthy_residual"], ".4f"), num(row["residual_ratio"], ".2f"))),
-        ("validation PSNR / SSIM", _pair(num(row["psnr"], ".2f"), num(row["ssim"], ".3f"))),
+        ("validation PSNR / SSIM" + _self_reported(row, "psnr"), _pair(num(row["psnr"], ".2f"), num(row["ssim"], ".3f"))),
         (f"paired test vs top ({LABELS[metric]})", paired_badge(row, metric)[0])]
+
+
+def _self_reported(row, column: str) -> str:
+    return " (self-reported, not recomputed)" if column in str(row.get("self_reported") or "").split() else ""
 
 
 def _environment(row, env: dict) -> str:
@@ -231,6 +258,7 @@ def run_html(row, metric: str, subjects: dict, site_runs: Path, figure: str | No
             f"<h1>{esc(row['method'])}{base}</h1>",
             f'<p class="muted">rank {esc(row["rank"])} of protocol <b>{esc(row["protocol_id"])}</b>, '
             f"{esc(num(row['test_subjects'], '.0f'))} test subjects</p>",
+            facts(_submitter(row)),
             "<h2>Numbers (recomputed at submission)</h2>", facts(_summary(row, metric)),
             "<h2>Report</h2>",
             f'<img class="report" src="{esc(figure)}" alt="report figure">' if figure

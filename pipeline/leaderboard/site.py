@@ -22,11 +22,12 @@ from pipeline.atomic import atomic_dir, write_json
 from pipeline.common import read_optional_json
 from pipeline.errors import InputError
 from pipeline.leaderboard.clones import NEEDS_REVIEW
+from pipeline.leaderboard.columns import COMPARABLE, ROW_ID_PATTERN
 from pipeline.leaderboard.ranking import ALPHA, ranked_table
 from pipeline.leaderboard.registry import hides_test_labels, read_registry
 from pipeline.leaderboard.run_files import read_run_json
-from pipeline.leaderboard.run_page import LABELS, copy_figure, is_baseline, paired_badge, run_dir_of, run_html, with_ci
-from pipeline.leaderboard.submission import COMPARABLE, ROW_ID_PATTERN
+from pipeline.leaderboard.run_page import (LABELS, copy_figure, is_baseline, paired_badge, run_dir_of, run_html,
+                                           source_badges, with_ci)
 from pipeline.leaderboard.webpage import esc, html_page, html_table, missing, num, short, sort_key, td
 
 MARKER = ".leaderboard-site"
@@ -181,6 +182,7 @@ def _index_row(row, metric: str, pages: set) -> str:
     supervision = row.get("supervision")
     if isinstance(supervision, str) and supervision not in ("", "unsupervised"):  # never ranked unmarked
         name += f' <span class="badge" title="learnt from labels">{esc(supervision.lstrip(chr(39)))}</span>'
+    name += source_badges(row)
     badge, key = paired_badge(row, metric)
     cells = [td(str(row["rank"]), row["rank"] if row["rank"] != "review" else 10**6), td(name, row["method"], "t"),
              *(td(with_ci(row, m, "<br>"), sort_key(row[m])) for m in ("auprc", "auroc", "dice")),

@@ -34,10 +34,6 @@ Ranking and the paired test over patients live in :mod:`pipeline.leaderboard.ran
 from __future__ import annotations
 
 import csv
-import math
-import numbers
-import re
-import unicodedata
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +43,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.atomic import atomic_path, write_json
-from pipeline.common import check_schema, is_int, is_real, read_json
+from pipeline.common import check_schema, is_int, read_json
 from pipeline.errors import InputError
 from pipeline.evaluation.metrics import METRICS, pixel_metrics
 from pipeline.leaderboard.clones import CLONE_SPEARMAN, MapsHash, RankSample, copied_row, write_sample
@@ -55,115 +51,21 @@ from pipeline.leaderboard.registry import (bind_ground_truth, bound_protocol, ch
                                            registry_path)
 from pipeline.leaderboard.run_files import check_run_files
 
+from pipeline.leaderboard.columns import (  # noqa: F401 - re-exported: the CSV's column list
+    ADDED_COLUMNS, COLUMNS, COMPARABLE, DUPLICATE_KEY, LATER_COLUMNS, METHOD_PATTERN, NUMERIC_COLUMNS, ROW_ID_PATTERN,
+    REPRODUCED, SELF_REPORTED, SOURCES, SUPERVISION, cell, check_method_name, check_text, serialise)
+
 if TYPE_CHECKING:  # evaluate imports MONAI: loaded only when a submission is evaluated
     from pipeline.evaluation.evaluate import Evaluation
-
-COLUMNS = [
-    "row_id",  # 32 hex digits; names the per-subject sidecar
-    "method", "protocol_id", "protocol_hash", "dataset_fingerprint", "split_fingerprint",
-    "config_hash", "maps_hash", "seed", "code_version",
-    "supervision",  # what labels the method learnt from: "unsupervised" or "weak slice labels"
-    "auroc", "auroc_ci_low", "auroc_ci_high",  # pooled test brain voxels, patient-level 95 % bootstrap CI
-    "auprc", "auprc_ci_low", "auprc_ci_high",
-    "dice", "dice_ci_low", "dice_ci_high",  # threshold chosen on validation subjects (the honest number)
-    "dice_oracle",  # best Dice over thresholds on test itself (an oracle, not achievable)
-    "subject_auroc",  # tumour vs healthy test subjects, each scored by the 99th percentile of its map
-    "fp_ml_healthy",  # mean false-positive ml per healthy test subject at the validation threshold
-    "healthy_residual", "residual_ratio", "psnr", "ssim",  # reconstruction quality on validation subjects
-    "test_subjects", "n_boot",
-    "train_seconds", "inference_seconds", "hardware",
-    "submitted_at",  # UTC, ISO 8601
-    "run_dir",  # absolute path of the run folder
-]
-"""CSV columns, in file order."""
-
-ADDED_COLUMNS = {"subject_auroc": "test.subject_auroc", "fp_ml_healthy": "test.false_positive_ml_healthy",
-                 "healthy_residual": "validation.reconstruction.healthy_residual",
-                 "residual_ratio": "validation.reconstruction.residual_ratio",
-                 "psnr": "validation.reconstruction.psnr", "ssim": "validation.reconstruction.ssim"}
-"""Columns added after the first CSVs were written (-> their place in metrics.json). A CSV without
-them still reads (empty cells) and gains them, empty for the old rows, on its next append."""
-
-LATER_COLUMNS = frozenset({*ADDED_COLUMNS, "maps_hash", "supervision"})
-"""Columns a CSV from an earlier version may lack (read as empty)."""
-
-NUMERIC_COLUMNS = frozenset({"seed", "test_subjects", "n_boot", "train_seconds", "inference_seconds",
-                             "dice_oracle", *ADDED_COLUMNS}
-                            | {f"{m}{s}" for m in METRICS for s in ("", "_ci_low", "_ci_high")})
-
-SUPERVISION = ("unsupervised", "weak slice labels")
-"""What a method may have learnt from; weakly supervised entries are marked, never ranked as unsupervised."""
-
-METHOD_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,79}")
-"""Method names: a letter or digit, then up to 79 of letters, digits, ``. _ + -`` (no paths, no spaces)."""
-
-ROW_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-COMPARABLE = ("protocol_id", "protocol_hash", "dataset_fingerprint", "split_fingerprint")
-"""Entries agreeing on these saw the same patients; only they are tested against each other."""
-DUPLICATE_KEY = ("method", "protocol_hash", "dataset_fingerprint", "split_fingerprint", "config_hash", "seed",
-                 "code_version")
-"""A second row equal on all of these is the same run submitted again, and is refused."""
-
-
-# ----------------------------------------------------------------------------- field checks
-
-
-def check_method_name(name, source="method") -> str:
-    if not isinstance(name, str) or not METHOD_PATTERN.fullmatch(name):
-        raise InputError(source, f"method name {name!r} must match {METHOD_PATTERN.pattern} "
-                                 "(letters, digits, '._+-', at most 80 characters)")
-    return name
-
-
-def _check_text(column: str, value, source) -> str:
-    """A text cell: a string without line breaks or control characters (tab allowed)."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InputError(source, f"{column} must be text, got {type(value).__name__}")
-    bad = [c for c in value if c != "\t" and unicodedata.category(c) in ("Cc", "Zl", "Zp")]
-    if bad:
-        raise InputError(source, f"{column} contains a line break or control character ({bad[0]!r})")
-    return value
-
-
-def _check_number(column: str, value, source):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if not is_real(value):
-        raise InputError(source, f"{column} must be a finite number, got {value!r}")
-    return value
-
-
-def _cell(column: str, value, source="leaderboard row") -> str:
-    """The CSV text of one checked value; formula-like text gets a leading quote (OWASP)."""
-    if column in NUMERIC_COLUMNS:
-        value = _check_number(column, value, source)
-        if value is None:
-            return ""
-        return str(int(value)) if isinstance(value, numbers.Integral) else repr(float(value))
-    text = _check_text(column, value, source)
-    return "'" + text if text.startswith(FORMULA_START) else text
-
-
-def _serialise(row: dict) -> list[str]:
-    missing = [c for c in COLUMNS if c not in row]
-    if missing:
-        raise InputError("leaderboard row", f"missing columns: {', '.join(missing)}")
-    check_method_name(row["method"], "leaderboard row")
-    if not isinstance(row["row_id"], str) or not ROW_ID_PATTERN.fullmatch(row["row_id"]):
-        raise InputError("leaderboard row", f"row_id must be 32 lowercase hex digits, got {row['row_id']!r}")
-    return [_cell(c, row[c]) for c in COLUMNS]
 
 
 # ----------------------------------------------------------------------------- building a row
 
 
 def _check_run_dir(run_dir) -> Path:
-    _check_text("run_dir", str(run_dir), "run_dir")
+    check_text("run_dir", str(run_dir), "run_dir")
     path = Path(run_dir).resolve()
-    _check_text("run_dir", str(path), "run_dir")
+    check_text("run_dir", str(path), "run_dir")
     if not path.is_dir():
         raise InputError(path, "run folder not found")
     scores = (path / "scores").resolve()
@@ -216,13 +118,15 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
            "code_version": field(run, "code_version", run_json), "hardware": run.get("hardware"),
            "train_seconds": (run.get("timings") or {}).get("train_seconds"),
            "inference_seconds": (run.get("timings") or {}).get("inference_seconds"),
-           "run_dir": str(run_dir), "supervision": field(run, "supervision", run_json)}
+           "run_dir": str(run_dir), "supervision": field(run, "supervision", run_json),
+           "source": run.get("source", SOURCES[0]), "description": run.get("description"),
+           "code_url": run.get("code_url"), "reproduced": ""}
     if row["supervision"] not in SUPERVISION:
         raise InputError(run_json, f"supervision {row['supervision']!r} is not one of {', '.join(SUPERVISION)}")
     if not is_int(row["seed"]):
         raise InputError(run_json, f"seed must be an integer, got {row['seed']!r}")
     for column, value in row.items():  # fail before the expensive part
-        _cell(column, value, run_json)
+        cell(column, value, run_json)
     check_provenance(run, run_json, run_dir, record)
 
     maps, ranks = MapsHash(), RankSample()  # exact copies, then monotone ones (pipeline.leaderboard.clones)
@@ -239,6 +143,9 @@ def submission_row(run_dir, record: dict, n_boot: int = 1000, seed: int = 0, gro
         row[m] = test[m]
         row[f"{m}_ci_low"], row[f"{m}_ci_high"] = test["ci95"][m]
     row.update({column: field(metrics, dotted, run_dir) for column, dotted in ADDED_COLUMNS.items()})
+    if row["source"] != SOURCES[0]:  # maps made elsewhere: nothing about them is stated but the maps
+        row.update({column: None for column in SELF_REPORTED})
+    row["self_reported"] = " ".join(c for c in SELF_REPORTED if row[c] is not None) or None
     row.update(dice_oracle=test["dice_oracle"], test_subjects=test["subjects"], n_boot=n_boot,
                maps_hash=maps.hexdigest(), submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                subjects=_per_subject(result), rank_sample=ranks.values())
@@ -324,7 +231,7 @@ def on_leaderboard(csv_path, run_dir) -> bool:
     if not csv_path.is_file():
         return False
     run = read_json(run_json, "run record")
-    cells = [_cell(c, field(run, RUN_KEY[c], run_json), run_json) for c in DUPLICATE_KEY]
+    cells = [cell(c, field(run, RUN_KEY[c], run_json), run_json) for c in DUPLICATE_KEY]
     key = [COLUMNS.index(c) for c in DUPLICATE_KEY]
     return any([old[i] for i in key] == cells for old in _read_rows(csv_path))
 
@@ -333,7 +240,7 @@ def append_row(csv_path, row: dict) -> None:
     """Append one row (its ``subjects`` go to the sidecar first), safe against concurrent writers
     and against a writer killed at any instant (see module doc)."""
     csv_path = Path(csv_path)
-    cells = _serialise(row)
+    cells = serialise(row)
     with locked(csv_path):
         rows = _read_rows(csv_path)
         _remove_dead_writers_files(csv_path, rows)
@@ -343,10 +250,29 @@ def append_row(csv_path, row: dict) -> None:
         if row.get("subjects") is not None:
             write_json(subjects_dir(csv_path) / f"{row['row_id']}.json",
                        {"row_id": row["row_id"], "method": row["method"], "subjects": row["subjects"]})
-        with atomic_path(csv_path, suffix=".csv") as tmp:
-            with open(tmp, "w", newline="", encoding="utf-8") as f:
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerows([COLUMNS, *rows, cells])
+        _write_rows(csv_path, [*rows, cells])
+
+
+def set_reproduced(csv_path, row_id: str, verdict: str) -> None:
+    """Record the organiser's re-run of one row (``reproduced`` / ``not reproduced``); every other cell stays
+    byte for byte. Under the write lock, through a temporary file, as :func:`append_row`."""
+    if verdict not in REPRODUCED:
+        raise InputError("reproduced", f"must be one of {', '.join(REPRODUCED)}, got {verdict!r}")
+    csv_path = Path(csv_path)
+    with locked(csv_path):
+        rows = _read_rows(csv_path)
+        matches = [r for r in rows if r[0] == row_id]
+        if len(matches) != 1:
+            raise InputError(csv_path, f"no row {row_id!r} on this leaderboard")
+        matches[0][COLUMNS.index("reproduced")] = verdict
+        _write_rows(csv_path, rows)
+
+
+def _write_rows(csv_path: Path, rows: list[list[str]]) -> None:
+    """The whole CSV (header and ``rows``) through a temporary file that replaces it (call under the lock)."""
+    with atomic_path(csv_path, suffix=".csv") as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f, lineterminator="\n").writerows([COLUMNS, *rows])
 
 
 def submit(run_dir, csv_path, protocol: dict | None = None, n_boot: int = 1000, seed: int = 0,
