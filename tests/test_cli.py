@@ -82,7 +82,8 @@ def test_wrong_arguments_give_usage_errors():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
-    result = run_cli("synth", "--out", str(root / "data"), "--healthy", "2", "--tumour", "4", "--seed", "3",
+    # the dataset: a random split of 3 healthy + 4 tumour subjects leaves a section with one kind only
+    result = run_cli("synth", "--out", str(root / "data"), "--healthy", "3", "--tumour", "4", "--seed", "3",
                      "--spacing", "4", "--quiet")
     assert result.returncode == 0, result.stderr
     assert (root / "data" / "Task01_BrainTumour" / "dataset.json").is_file()
@@ -98,6 +99,8 @@ def test_score_and_evaluate_commands(tiny_data):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tiny_data / "out" / "evaluation" / "metrics.json").read_text())
     assert metrics["method"] == "FLAIR-intensity baseline"
+    split = json.loads((tiny_data / "out" / "split.json").read_text())  # stratified: both kinds in every section
+    assert split["method"] == "stratified" and all(len(split[s]) == 2 for s in ("validation", "test"))
 
 
 def test_benchmark_command_prints_the_leaderboard(tiny_data):

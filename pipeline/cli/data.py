@@ -48,7 +48,7 @@ def _cmd_prepare(args) -> None:
     cfg = PreprocessConfig(modalities=args.modalities, image_size=args.image_size,
                            pixdim=(args.spacing,) * 3, min_brain_fraction=args.min_brain_fraction)
     prepared = prepare_data(args.dataset_dir, args.split_file, args.cache_dir, cfg, split_seed=args.split_seed,
-                            workers=args.workers, progress=not args.quiet)
+                            workers=args.workers, progress=not args.quiet, split_method=args.split_method)
     counts = {s: len(prepared.split[s]) for s in SECTIONS}
     print(f"split {args.split_file}: {counts}; healthy-slice cache {prepared.cache_dir}")
 
@@ -76,6 +76,9 @@ def add_data_commands(sub) -> None:
     p.add_argument("--split-file", required=True, help="split JSON: reused if it exists, written otherwise")
     p.add_argument("--cache-dir", required=True, help="where the slice cache goes")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-method", choices=["stratified", "random"], default="stratified",
+                   help="a new split (an existing --split-file is reused): healthy and tumour subjects in every "
+                        "section, or the first release's random draw (default stratified)")
     p.add_argument("--modalities", default="FLAIR", help="comma-separated, from FLAIR,T1w,T1gd,T2w (default FLAIR)")
     p.add_argument("--image-size", type=int, default=64, help="in-plane size in pixels (default 64)")
     p.add_argument("--spacing", type=float, default=2.0, help="resampling voxel size in mm (default 2.0)")

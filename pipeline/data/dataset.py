@@ -18,7 +18,7 @@ from typing import Sequence
 from monai.apps import DecathlonDataset
 
 from pipeline.common import TASK, confined_path, read_json
-from pipeline.data.split import domain_split, load_or_make_split, make_split
+from pipeline.data.split import RANDOM, STRATIFIED, domain_split, load_or_make_split, make_split
 from pipeline.errors import InputError
 from pipeline.layout import HIDDEN_TEST_KEY
 
@@ -249,11 +249,12 @@ def dataset_fingerprint(dataset_dir: str | os.PathLike) -> str:
 
 
 def dataset_split(dataset_dir: str | os.PathLike, fractions: Sequence[float] = (0.6, 0.2, 0.2), seed: int = 0,
-                  train_domains: Sequence[str] | None = None) -> dict:
+                  train_domains: Sequence[str] | None = None, method: str = RANDOM) -> dict:
     """The split a dataset gets from a seed: its listed test subjects, if hidden-label, stay the test section.
 
     ``train_domains`` makes it a shift split (:func:`pipeline.data.split.domain_split`): only subjects whose
     dataset.json entry names one of these domains train; validation and test come from the others.
+    ``method``: ``random`` or ``stratified`` (:mod:`pipeline.data.split`).
     """
     items = load_subjects(dataset_dir).data
     if train_domains:
@@ -262,7 +263,17 @@ def dataset_split(dataset_dir: str | os.PathLike, fractions: Sequence[float] = (
                                                     "a domain split cannot be combined with it")
         return domain_split({item["subject"]: item.get("domain") for item in items}, train_domains, fractions, seed)
     subjects, test = split_subjects(items)
-    return make_split(subjects, fractions, seed, test)
+    return make_split(subjects, fractions, seed, test, method, tumour_subjects(items) if method == STRATIFIED else None)
+
+
+def tumour_subjects(items: Sequence[dict]) -> set[str]:
+    """Subjects whose label has a tumour voxel (what evaluation counts as a tumour subject); hidden-label
+    test items have no label and are left out. Reads every label once: only a new stratified split needs it."""
+    import nibabel as nib
+    import numpy as np
+
+    return {item["subject"] for item in items
+            if not has_hidden_label(item) and np.asanyarray(nib.load(item["label"]).dataobj).any()}
 
 
 def split_subjects(items: Sequence[dict]) -> tuple[list[str], list[str] | None]:
@@ -272,10 +283,13 @@ def split_subjects(items: Sequence[dict]) -> tuple[list[str], list[str] | None]:
 
 
 def dataset_split_file(dataset_dir: str | os.PathLike, split_file: str | os.PathLike, split_seed: int = 0,
-                       fractions: Sequence[float] = (0.6, 0.2, 0.2)) -> dict:
-    """The split of ``split_file`` (made from the seed and written if absent), preprocessing nothing.
+                       fractions: Sequence[float] = (0.6, 0.2, 0.2), split_method: str = RANDOM) -> dict:
+    """The split of ``split_file`` (made from the seed with ``split_method`` and written if absent),
+    preprocessing nothing.
 
     What scoring needs: the same patients training saw, without building the training slice cache.
     """
-    subjects, test = split_subjects(load_subjects(dataset_dir).data)
-    return load_or_make_split(split_file, subjects, fractions, split_seed, test)
+    items = load_subjects(dataset_dir).data
+    subjects, test = split_subjects(items)
+    return load_or_make_split(split_file, subjects, fractions, split_seed, test, split_method,
+                              lambda: tumour_subjects(items))

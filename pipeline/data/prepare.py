@@ -14,9 +14,9 @@ from pathlib import Path
 from filelock import FileLock
 
 from pipeline.atomic import write_json
-from pipeline.data.dataset import PreprocessConfig, load_subjects, split_subjects
+from pipeline.data.dataset import PreprocessConfig, load_subjects, split_subjects, tumour_subjects
 from pipeline.data.slice_cache import build_labelled_slice_cache, build_slice_cache
-from pipeline.data.split import read_or_make_split
+from pipeline.data.split import RANDOM, read_or_make_split
 
 
 @dataclass
@@ -44,6 +44,7 @@ def prepare_data(
     workers: int = 2,
     progress: bool = True,
     labelled: bool = False,
+    split_method: str = RANDOM,
 ) -> PreparedData:
     """Split (reused if the file exists) and build (or reuse) the healthy-slice cache (``labelled``:
     the labelled-slice cache of :func:`pipeline.data.slice_cache.build_labelled_slice_cache` instead).
@@ -52,7 +53,8 @@ def prepare_data(
     entries) build once and share the result. A failure leaves nothing behind: a new split file is
     written only after the cache is complete, and the lock file and folders this call created are
     removed (the lock file while still held, folders only when empty, so nothing that existed before
-    or that another preparer wrote is touched).
+    or that another preparer wrote is touched). ``split_method`` makes a new split (a split file found is
+    reused as it is): ``random`` (the default here, what published protocols are bound to) or ``stratified``.
     """
     items = load_subjects(dataset_dir).data
     subjects, test = split_subjects(items)
@@ -63,7 +65,8 @@ def prepare_data(
     try:
         with FileLock(str(lock_path)):
             try:
-                split, made = read_or_make_split(split_file, subjects, seed=split_seed, test=test)
+                split, made = read_or_make_split(split_file, subjects, seed=split_seed, test=test, method=split_method,
+                                                 tumour=lambda: tumour_subjects(items))
                 build = build_labelled_slice_cache if labelled else build_slice_cache
                 cache_dir = build(dataset_dir, cache_root, split, preprocess, workers, progress)
                 if made:
