@@ -12,28 +12,24 @@ inside ``--results`` (:func:`confined`).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
-import platform
-import subprocess
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import yaml
 
-from pipeline import __version__
 from pipeline.atomic import write_json
 from pipeline.bundle import check_plain_settings, run_bundle
 from pipeline.common import BASELINE, GUIDED, read_json
 from pipeline.data.dataset import dataset_fingerprint, task_paths
 from pipeline.errors import InputError
 from pipeline.layout import project_file
-from pipeline.leaderboard.registry import check_name, protocol_hash, split_fingerprint
 from pipeline.leaderboard.columns import METHOD_PATTERN
+from pipeline.leaderboard.registry import check_name, protocol_hash, split_fingerprint
+from pipeline.provenance import config_hash, environment, hashed_settings, weights_record
 from pipeline.scoring.maps import read_index
 
 PROTOCOL_KEYS = {"id", "description", "dataset", "split", "bundle", "evaluation", "methods"}
@@ -45,8 +41,6 @@ SCORE_KEYS = ("sampler", "t_start", "ddim_steps", "n_draws", "patch_size", "guid
               "component_quantile", "map_norm", "residual_smooth", "residual_sign")
 """Bundle settings that change only how a trained model scores: entries differing only in these share a model."""
 ENTRY_KEYS = ("name", "id")
-PACKAGES = ("torch", "monai", "numpy", "nibabel", "scikit-learn", "pandas", "opensimplex", "numba",
-            "pytorch-ignite", "brain-diffusion-anomaly")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,54 +160,6 @@ def model_folder(results: Path, entry: dict, train: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# environment and hashes
-
-
-def code_version() -> str:
-    """Git commit of the checkout (``+dirty`` if changed), else the package version."""
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return f"brain-diffusion-anomaly {__version__}"
-
-
-def hardware() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()} {os.cpu_count()} CPUs, {gpu}"
-
-
-def environment() -> dict:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {"python": platform.python_version(), "platform": platform.platform(), "packages": versions,
-            "code_version": code_version(), "hardware": hardware()}
-
-
-def config_hash(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-RUN_PLACES = ("dataset_dir", "split_file", "cache_dir", "split_seed", "progress")
-"""Bundle settings that say where a run reads and writes, not how its maps are made: outside its config hash."""
-
-
-def hashed_settings(settings: dict) -> dict:
-    """The settings a run's ``config_hash`` covers (what makes the maps; no places, no progress bars)."""
-    return {k: v for k, v in settings.items() if k not in RUN_PLACES and not k.endswith("_dir")}
-
-
-# ----------------------------------------------------------------------------------------------
 # running
 
 
@@ -291,7 +237,7 @@ def run_entry(protocol: dict, entry: dict, results: Path, dataset_root: Path, pr
         "dataset": {"dir": str(dataset_root), "fingerprint": dataset_fingerprint(dataset_root)},
         "split": {"file": shared["split_file"],
                   "fingerprint": split_fingerprint(read_json(shared["split_file"], "split file"))},
-        "supervision": _supervision(run_dir),
+        "supervision": _supervision(run_dir), **weights_record(model_dir),
         "config_hash": config_hash(hashed), "seed": entry["seed"], "code_version": env["code_version"],
         "hardware": env["hardware"],
         "timings": {"train_seconds": round(train_seconds, 3), "inference_seconds": round(inference_seconds, 3)},

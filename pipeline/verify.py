@@ -39,7 +39,7 @@ def _row(csv_path, row_id: str) -> dict:
 
 def _recorded_settings(row: dict, run_dir: Path) -> dict:
     """The run's bundle settings, refused unless they hash to the row's config hash."""
-    from pipeline.protocols import config_hash, hashed_settings
+    from pipeline.provenance import config_hash, hashed_settings
 
     settings = read_json(run_dir / "config.json", "recorded settings")
     if config_hash(hashed_settings(settings)) != row["config_hash"]:
@@ -56,6 +56,21 @@ def _model_dir(settings: dict, run_dir: Path) -> str:
     return str(run_dir.parent.parent / "models" / recorded.name)
 
 
+def _check_weights(run: dict, model_dir: Path) -> None:
+    """Refuse weights other than those the run recorded (a run from before weights were recorded: unchecked)."""
+    from pipeline.fingerprint import sha256_file
+
+    recorded = (run.get("model") or {}).get("sha256")
+    if recorded is None:
+        return
+    path = model_dir / run["model"].get("file", "model.pt")
+    if not path.is_file():
+        raise InputError(path, "the run's weights are gone; nothing to re-run")
+    if sha256_file(path) != recorded:
+        raise InputError(path, f"weights changed since the run (sha256 {sha256_file(path)[:12]} != recorded "
+                               f"{recorded[:12]}): re-running them would verify other weights")
+
+
 def rescore(row: dict, record: dict, work: Path, ground_truth_dir=None, trust_expressions: bool = False) -> dict:
     """Score and evaluate the row's subjects again under ``work``; the recomputed row values of :data:`COMPARED`."""
     from pipeline.bundle import run_bundle
@@ -67,10 +82,13 @@ def rescore(row: dict, record: dict, work: Path, ground_truth_dir=None, trust_ex
 
     run_dir = Path(row["run_dir"])
     settings = _recorded_settings(row, run_dir)
-    entry = read_json(run_dir / "run.json", "run record").get("entry") or {}
+    run = read_json(run_dir / "run.json", "run record")
+    entry = run.get("entry") or {}
+    model_dir = _model_dir(settings, run_dir)
+    _check_weights(run, Path(model_dir))
     write_json(work / "split.json", {**record["split"], "seed": settings.get("split_seed", 0)})
     settings.update(dataset_dir=record["dataset_dir"], split_file=str(work / "split.json"), cache_dir=str(work / "cache"),
-                    output_dir=str(work), scores_dir=str(work / "scores"), ckpt_dir=_model_dir(settings, run_dir),
+                    output_dir=str(work), scores_dir=str(work / "scores"), ckpt_dir=model_dir,
                     evaluation_dir=str(work / "evaluation"), progress=False)
     settings.pop("ground_truth_dir", None)
     run_bundle(entry_workflows(entry)[1], trust_expressions=trust_expressions, **settings)

@@ -137,10 +137,15 @@ def _break_first_map(maps: Path, how: str) -> Path:
         first.unlink()
     elif how == "extra":
         shutil.copyfile(first, maps / "BRATS_999.nii.gz")
+    elif how == "channel":
+        nib.save(nib.Nifti1Image(data[..., None], img.affine), first)
+    elif how == "not-nifti":
+        first.write_bytes(b"this is not a NIfTI file" * 40)
     return first
 
 
 @pytest.mark.parametrize("how, says", [("nan", "NaN"), ("flipped", "affine"), ("shape", "shape"),
+                                       ("channel", "shape"), ("not-nifti", "not a readable NIfTI"),
                                        ("missing", "no map for 1 subject"), ("extra", "BRATS_999")])
 def test_a_faulty_map_folder_is_refused_in_one_line_and_nothing_is_written(walked, tmp_path, capsys, how, says):
     maps = _maps_copy(walked, tmp_path)
@@ -152,7 +157,7 @@ def test_a_faulty_map_folder_is_refused_in_one_line_and_nothing_is_written(walke
                                     str(walked / "organiser" / "gt"), "--leaderboard", str(walked / BOARD),
                                     "--run-dir", str(run_dir), "--quiet"])
     assert says in line
-    if how in ("nan", "flipped", "shape"):
+    if how in ("nan", "flipped", "shape", "channel", "not-nifti"):
         assert broken.name in line, "the error names the file"
     assert (walked / BOARD).read_bytes() == before and not run_dir.exists()
 
@@ -205,3 +210,23 @@ def test_verify_refuses_external_rows(walked, capsys):
     row_id = _table(walked).set_index("method").loc["t2-only", "row_id"]
     line = _one_line_error(capsys, ["leaderboard", "verify", row_id, "--leaderboard", str(walked / BOARD), "--quiet"])
     assert "external maps" in line
+
+
+def test_maps_for_a_protocol_the_leaderboard_does_not_hold_are_refused(walked, tmp_path, capsys):
+    line = _one_line_error(capsys, ["leaderboard", "submit-maps", str(_maps_copy(walked, tmp_path)), "--protocol-id",
+                                    "public-demo-v2", "--method", "x", "--supervision", "unsupervised",
+                                    "--leaderboard", str(walked / BOARD), "--run-dir", str(tmp_path / "run"), "--quiet"])
+    assert "'public-demo-v2' is not registered" in line and not (tmp_path / "run").exists()
+
+
+def test_an_external_row_has_the_metrics_pipeline_evaluate_gives_on_the_same_maps(walked, tmp_path):
+    row = _table(walked).set_index("method").loc["t2-only"]
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--dataset-dir", str(walked / "public"), "--scores-dir", str(Path(row["run_dir"]) / "scores"),
+                 "--evaluation-dir", str(out), "--ground-truth-dir", str(walked / "organiser" / "gt"),
+                 "--bootstrap-resamples", str(int(row["n_boot"])), "--quiet"]) == 0
+    test = json.loads((out / "metrics.json").read_text())["test"]
+    for metric in ("auroc", "auprc", "dice", "dice_oracle", "subject_auroc"):
+        assert row[metric] == pytest.approx(test[metric], abs=1e-12), metric
+    assert row["fp_ml_healthy"] == pytest.approx(test["false_positive_ml_healthy"], abs=1e-12)
+    assert [row["auprc_ci_low"], row["auprc_ci_high"]] == pytest.approx(test["ci95"]["auprc"], abs=1e-12)

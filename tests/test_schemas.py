@@ -55,3 +55,17 @@ def test_a_scores_index_reports_every_bad_entry(official, tmp_path):  # noqa: F8
         check_schema(index, "scores_index", "index.json")
     assert "2 problem(s)" in str(err.value) and f"subjects.{names[0]}.section" in str(err.value)
     assert f"subjects.{names[1]}.files.score" in str(err.value)
+
+
+def test_a_hand_written_run_folder_with_five_wrong_fields_gets_all_five_in_one_line(official, tmp_path, capsys):  # noqa: F811
+    run = copy_run(official, tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    record.update(method="../escape", seed="zero", supervision="fully supervised", code_url="ftp://x",
+                  protocol={"id": record["protocol"]["id"], "hash": "abc"})
+    (run / "run.json").write_text(json.dumps(record))
+    line = cli_error(capsys, ["leaderboard", "submit", str(run), "--leaderboard", str(tmp_path / "lb.csv"),
+                              "--protocol", str(official["path"])])
+    assert "5 problem(s) against run_record.schema.json" in line
+    for where in ("method:", "seed:", "supervision:", "code_url:", "protocol.hash:"):
+        assert where in line
+    assert not (tmp_path / "lb.csv").exists()
