@@ -309,11 +309,14 @@ def test_config_only_run_from_inside_the_bundle_folder(zoo_bundle, synth_root, t
 
 
 def test_config_run_from_another_folder_writes_into_the_bundle(zoo_bundle, synth_root, tmp_path, monkeypatch):
-    """The same from an unrelated working directory, the config named by its full path (MONAI's Python entry)."""
+    """The same from an unrelated working directory, the config named by its full path (MONAI's Python entry);
+    with ``score_batch_size: auto`` under a small budget (the index records the batch it chose)."""
     copy = tmp_path / BUNDLE_NAME
     shutil.copytree(zoo_bundle, copy, ignore=shutil.ignore_patterns("scores", "schema.json"))
     monkeypatch.chdir(tmp_path / "..")
-    settings = {**SCORE_TEST_ONLY, "pixdim": [4.0, 4.0, 4.0], "score_sections": ["test"], "progress": False}
+    settings = {**SCORE_TEST_ONLY, "pixdim": [4.0, 4.0, 4.0], "score_sections": ["test"], "progress": False,
+                "score_batch_size": "auto", "score_memory_gb": 0.05}
     monai_bundle_run(config_file=str(copy / "configs" / "inference.yaml"), dataset_dir=str(synth_root), **settings)
-    assert json.loads((copy / "eval" / "scores" / "index.json").read_text())["subjects"]
+    index = json.loads((copy / "eval" / "scores" / "index.json").read_text())
+    assert index["subjects"] and isinstance(index["settings"]["batch_size"], int) and index["settings"]["batch_size"] >= 1
     assert not (tmp_path.parent / "eval").exists()

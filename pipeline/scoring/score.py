@@ -41,11 +41,12 @@ from pipeline.model.noise import NoiseGenerator
 from pipeline.scoring.guided import guided_reconstruct
 from pipeline.scoring.maps import (SubjectScore, axial_slices, invert_to_original, merge_shards, preprocess_subject,
                                    save_subject, to_volume, write_index)
+from pipeline.scoring.memory import SliceCost, memory_budget, with_amp
 from pipeline.scoring.postprocess import (HealthyResidualStats, erode, map_from_residual, postprocess_volume,
                                           rectify, smooth_signed,
                                           reduce_channels)
 from pipeline.scoring.samplers import Model, ddim_reconstruct, ddpm_reconstruct, patched_reconstruct, x0_reconstruct
-from pipeline.scoring.settings import ScoreSettings
+from pipeline.scoring.settings import AUTO_BATCH, ScoreSettings
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "x0": x0_reconstruct, "ddim": ddim_reconstruct, "ddpm": ddpm_reconstruct, "patched": patched_reconstruct,
@@ -263,16 +264,40 @@ def load_model(network: torch.nn.Module, model_path: str | os.PathLike) -> torch
 
 def load_scorer(network: torch.nn.Module, model_path: str | os.PathLike, scheduler, noise_generator: NoiseGenerator,
                 settings: ScoreSettings = ScoreSettings(), preprocess: PreprocessConfig = PreprocessConfig(),
-                device: str | torch.device = "cpu") -> Scorer:
+                device: str | torch.device = "cpu", amp: bool = False, memory_gb: float | None = None) -> Scorer:
     """The run's :class:`Scorer`, not yet calibrated: noise levels checked against the scheduler,
-    then the weights loaded (none for the baseline, which needs FLAIR among the modalities instead)."""
+    then the weights loaded (none for the baseline, which needs FLAIR among the modalities instead).
+    ``amp``: the network runs under autocast on a GPU (:func:`pipeline.scoring.memory.with_amp`);
+    ``memory_gb``: the budget of ``batch_size`` ``auto`` (:func:`with_auto_batch_size`)."""
     settings.check_levels(scheduler.num_train_timesteps)
     baseline = settings.sampler == BASELINE
     if baseline:
         flair_channel(preprocess)  # refused before anything runs
-    model = None if baseline else load_model(network, model_path)
-    return Scorer(model, scheduler, noise_generator, settings, preprocess, device,
-                  model_path=None if baseline else str(model_path))
+    model = None if baseline else with_amp(load_model(network, model_path), amp, device)
+    scorer = Scorer(model, scheduler, noise_generator, settings, preprocess, torch.device(device),
+                    model_path=None if baseline else str(model_path))
+    return with_auto_batch_size(scorer, memory_gb)
+
+
+def with_auto_batch_size(scorer: Scorer, memory_gb: float | None = None) -> Scorer:
+    """``batch_size: auto`` replaced by the largest batch whose sampler call fits the memory budget, measured
+    on one network call per slice (:mod:`pipeline.scoring.memory`; ddpm and multi-step samplers call the
+    network one batch at a time too). The maps do not depend on the batch size."""
+    if scorer.settings.batch_size != AUTO_BATCH:
+        return scorer
+    settings = scorer.settings
+    single = replace(settings, batch_size=1, t_start=settings.levels[0], n_draws=1, ddim_steps=1,
+                     sampler="ddim" if settings.sampler == "ddpm" else settings.sampler)
+    probe = replace(scorer, settings=single)
+    size = int(scorer.preprocess.image_size)
+
+    def call(n: int):  # its own generator: the probe leaves the global random state alone
+        generator = torch.Generator(device=scorer.device).manual_seed(0)
+        x = torch.rand((n, scorer.preprocess.channels, size, size), device=scorer.device, generator=generator)
+        return reconstruct(probe, x, noise_streams(probe, "memory probe"))
+
+    batch = SliceCost.measure(call).largest_batch(memory_budget(scorer.device, memory_gb))
+    return replace(scorer, settings=replace(settings, batch_size=batch))
 
 
 def _check_sections(sections, split: dict) -> list[str]:

@@ -22,6 +22,8 @@ REDUCTIONS = ("max", "mean")
 RESIDUAL_NORMS = ("none", "position", "intensity")
 MAP_NORMS = ("none", "subject")
 RESIDUAL_SIGNS = ("abs", "positive")
+AUTO_BATCH = "auto"
+"""``batch_size`` the scorer replaces by the largest batch that fits its memory budget (:mod:`pipeline.scoring.memory`)."""
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -58,7 +60,7 @@ class ScoreSettings:
     ddim_steps: int = 10
     n_draws: int = 1
     patch_size: int | None = None
-    batch_size: int = 64
+    batch_size: int | str = 64
     erode_iters: int = 1
     median_size: int = 3
     median_3d: int = 1
@@ -79,9 +81,11 @@ class ScoreSettings:
             raise InputError("t_start", "needs at least one noise level")
         object.__setattr__(self, "t_start", tuple(_check_int("t_start", t, 1) for t in levels)
                            if isinstance(self.t_start, (list, tuple)) else _check_int("t_start", self.t_start, 1))
-        for name, low in (("ddim_steps", 1), ("n_draws", 1), ("batch_size", 1), ("erode_iters", 0),
-                          ("median_3d", 1), ("min_component_voxels", 0)):
-            _check_int("score_batch_size" if name == "batch_size" else name, getattr(self, name), low)
+        for name, low in (("ddim_steps", 1), ("n_draws", 1), ("erode_iters", 0), ("median_3d", 1),
+                          ("min_component_voxels", 0)):
+            _check_int(name, getattr(self, name), low)
+        if self.batch_size != AUTO_BATCH:
+            _check_int("score_batch_size", self.batch_size, 1)
         if self.patch_size is not None:
             _check_int("patch_size", self.patch_size, 1)
         elif self.sampler == "patched":
