@@ -104,6 +104,11 @@ def _top_level_defaults(bundle_dir: str | Path = BUNDLE_DIR) -> dict:
     return defaults
 
 
+def setting_defaults(bundle_dir: str | Path = BUNDLE_DIR) -> dict:
+    """``{config id: default as written}`` of every top-level setting (a copy: callers may not change the cache)."""
+    return dict(_top_level_defaults(bundle_dir))
+
+
 def setting_ids(bundle_dir: str | Path = BUNDLE_DIR) -> frozenset[str]:
     """Every top-level id of the bundle's configs, all workflows together: the names a ``--key value``
     setting may take (one list of settings then serves score and evaluate alike)."""

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    nul = next((i for i, arg in enumerate(argv) if "\x00" in str(arg)), None)
+    if nul is not None:  # no path or setting can hold one; the OS would refuse it deep inside a command
+        print(f"error: command line: argument {nul + 1} ({str(argv[nul])[:40]!r}) contains a NUL character", file=sys.stderr)
+        return 2
     try:
         argv = canonical_arguments(parser, argv)
     except InputError as err:
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except Exception as err:  # noqa: BLE001 - bad input -> one line; anything else re-raised
         found = find_input_error(err)
+        if found is None and isinstance(err, OSError) and err.filename is not None:
+            found = f"{err.filename}: {err.strerror or err}"  # a path the OS refuses: a folder where a file goes, ...
         if found is None:
             raise
         print(f"error: {found}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.cli.args import add_command, non_negative_int
+from pipeline.cli.args import add_command, fraction, non_negative_int, positive_float, share
 
 
 def _variety_settings(value: str):
@@ -60,12 +60,12 @@ def add_data_commands(sub) -> None:
     p.add_argument("--healthy", type=non_negative_int, default=8, help="subjects without tumour (default 8)")
     p.add_argument("--tumour", type=non_negative_int, default=16, help="subjects with a tumour (default 16)")
     p.add_argument("--seed", type=int, default=0, help="generator seed: same seed, same bytes (default 0)")
-    p.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2.0; BraTS is 1.0)")
+    p.add_argument("--spacing", type=positive_float, default=2.0, help="voxel size in mm (default 2.0; BraTS is 1.0)")
     p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     p.add_argument("--hidden-test-labels", metavar="GT_DIR", default=None,
                    help="public-leaderboard dataset: list --test-fraction of the subjects as test images without "
                         "labels; their labels go to GT_DIR/labelsTs (keep GT_DIR and the seed to yourself)")
-    p.add_argument("--test-fraction", type=float, default=0.2,
+    p.add_argument("--test-fraction", type=fraction, default=0.2,
                    help="share of healthy and of tumour subjects held out with --hidden-test-labels (default 0.2)")
     p.add_argument("--variety", metavar="PRESET_OR_YAML", default=None,
                    help="variety settings (docs/generator.md): a preset, 'none' (the default data) or 'mixed' "
@@ -81,6 +81,6 @@ def add_data_commands(sub) -> None:
                         "section, or the first release's random draw (default stratified)")
     p.add_argument("--modalities", default="FLAIR", help="comma-separated, from FLAIR,T1w,T1gd,T2w (default FLAIR)")
     p.add_argument("--image-size", type=int, default=64, help="in-plane size in pixels (default 64)")
-    p.add_argument("--spacing", type=float, default=2.0, help="resampling voxel size in mm (default 2.0)")
-    p.add_argument("--min-brain-fraction", type=float, default=0.15)
+    p.add_argument("--spacing", type=positive_float, default=2.0, help="resampling voxel size in mm (default 2.0)")
+    p.add_argument("--min-brain-fraction", type=share, default=0.15)
     p.add_argument("--workers", type=int, default=2)
