@@ -23,6 +23,8 @@ CONFIGS = {
     "evaluate": ["common.yaml", "evaluate.yaml"],
     "train_guided": ["train.yaml", "guided_train.yaml"],
     "inference_guided": ["inference.yaml", "guided_inference.yaml"],
+    "train_classifier_guided": ["train.yaml", "classifier_train.yaml"],
+    "inference_classifier_guided": ["inference.yaml", "classifier_guided_inference.yaml"],
 }
 """Config files of each workflow, merged in order. ``train.yaml`` and ``inference.yaml`` are complete
 (each holds a copy of ``common.yaml``, see :data:`STANDALONE_CONFIGS`), so each reads alone as MONAI's and
@@ -221,7 +223,7 @@ def check_plain_settings(settings: dict, source: str, trust_expressions: bool = 
                                      "(only for files and values you trust)")
 
 
-SCORING_WORKFLOWS = ("inference", "multi_gpu_inference", "inference_guided")
+SCORING_WORKFLOWS = ("inference", "multi_gpu_inference", "inference_guided", "inference_classifier_guided")
 
 
 def with_model_card(workflow: str, bundle_dir: Path, overrides: dict) -> dict:

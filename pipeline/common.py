@@ -23,6 +23,9 @@ BASELINE = "flair"
 """Sampler name of the FLAIR-intensity baseline (no model; the map is the intensity)."""
 GUIDED = "guided"
 """Sampler name of the weakly supervised counterfactuals (:mod:`pipeline.scoring.guided`): a class-conditional model."""
+CLASSIFIER_GUIDED = "classifier_guided"
+"""Sampler name of the classifier-guided counterfactuals (:mod:`pipeline.scoring.classifier_guided`): an
+unconditional model guided by a noisy-slice classifier trained with slice labels."""
 SUPERVISION_LEVELS = ("unsupervised", "weak slice labels")
 """What a method may have learnt from (run records, leaderboard rows, the CLI's --supervision)."""
 

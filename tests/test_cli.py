@@ -61,13 +61,13 @@ def test_help_lists_every_subcommand():
 
 def test_score_help_names_every_sampler_the_registry_has():
     """The CLI keeps torch out of its import (fast --help), so its sampler list is written out; it
-    must name what ``pipeline.scoring.score`` accepts (guided has its own --guided flag)."""
-    from pipeline.common import GUIDED
+    must name what ``pipeline.scoring.score`` accepts (guided and classifier-guided have their own flags)."""
+    from pipeline.common import CLASSIFIER_GUIDED, GUIDED
     from pipeline.scoring.settings import SAMPLER_NAMES
 
     subparsers = next(a for a in build_parser()._actions if a.dest == "command")
     listed = re.search(r"--sampler ([\w|]+)", subparsers.choices["score"].epilog).group(1).split("|")
-    assert sorted(listed) == sorted(set(SAMPLER_NAMES) - {GUIDED})
+    assert sorted(listed) == sorted(set(SAMPLER_NAMES) - {GUIDED, CLASSIFIER_GUIDED})
 
 
 def test_wrong_arguments_give_usage_errors():

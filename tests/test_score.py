@@ -117,7 +117,7 @@ def test_ddpm_oracle_and_reproducible_with_seed():
 
 
 def test_every_sampler_is_registered_with_one_signature():
-    assert set(SAMPLERS) == {"x0", "ddim", "ddpm", "patched", "guided"} and SAMPLER_NAMES == (*SAMPLERS, "flair")
+    assert set(SAMPLERS) == {"x0", "ddim", "ddpm", "patched", "guided", "classifier_guided"} and SAMPLER_NAMES == (*SAMPLERS, "flair")
     signatures = {name: inspect.signature(fn) for name, fn in SAMPLERS.items()}
     assert len(set(map(str, signatures.values()))) == 1, signatures
     assert list(signatures["x0"].parameters) == ["model", "x0", "t_start", "scheduler", "noise_generator", "settings",

@@ -19,20 +19,32 @@ def _cmd_bundle(workflow: str):
         check_plain_settings(overrides, "command line", args.trust_expressions, prefix="--")
         if args.quiet:
             overrides["progress"] = False
-        guided = getattr(args, "guided", False)  # the guided-counterfactual variant of the workflow
-        if guided and getattr(args, "nproc", 1) > 1:
-            raise InputError("--guided", "runs in one process only (no multi-GPU config for it yet); drop --nproc")
+        variant = _variant(args)  # a counterfactual variant of the workflow (its own overlay), or None
+        if variant and getattr(args, "nproc", 1) > 1:
+            raise InputError(f"--{variant.replace('_', '-')}", "runs in one process only (no multi-GPU config for it "
+                                                               "yet); drop --nproc")
         if getattr(args, "nproc", 1) > 1:
             run_torchrun(f"multi_gpu_{workflow}", args.nproc, overrides, args.quiet)
             print(_bundle_summary(workflow, _config_getter(workflow, overrides)))
             return
         from pipeline.bundle import run_bundle
 
-        flow = run_bundle(f"{workflow}_guided" if guided else workflow, tracking=args.tracking,
+        flow = run_bundle(f"{workflow}_{variant}" if variant else workflow, tracking=args.tracking,
                           trust_expressions=args.trust_expressions, quiet=args.quiet, **overrides)
         print(_bundle_summary(workflow, flow.parser.get_parsed_content))
 
     return run
+
+
+VARIANTS = ("guided", "classifier_guided")
+"""Flags (``--guided``, ``--classifier-guided``) that run ``<workflow>_<variant>`` instead of the plain workflow."""
+
+
+def _variant(args) -> str | None:
+    chosen = [v for v in VARIANTS if getattr(args, v, False)]
+    if len(chosen) > 1:
+        raise InputError("--guided", "choose one of --guided and --classifier-guided")
+    return chosen[0] if chosen else None
 
 
 def run_torchrun(workflow: str, nproc: int, overrides: dict, quiet: bool = False) -> None:
@@ -99,8 +111,8 @@ def _bundle_command(sub, name: str, workflow: str, help: str, epilog: str):
     return parser
 
 
-def _guided_flag(parser, text: str) -> None:
-    parser.add_argument("--guided", action="store_true", help=text)
+def _guided_flag(parser, text: str, name: str = "--guided") -> None:
+    parser.add_argument(name, action="store_true", help=text)
 
 
 def add_workflow_commands(sub) -> None:
@@ -112,6 +124,8 @@ def add_workflow_commands(sub) -> None:
     p.add_argument("--tracking", choices=["mlflow"], default=None, help="log the run to MLflow")
     _guided_flag(p, "train a class-conditional model on healthy and tumour slices with slice labels "
                     "(weakly supervised; workflow train_guided)")
+    _guided_flag(p, "train the plain diffusion model, then a noisy-slice classifier with slice labels beside it "
+                    "(weakly supervised; workflow train_classifier_guided)", "--classifier-guided")
 
     p = _bundle_command(sub, "score", "inference",
                         "anomaly maps for validation + test subjects (the bundle's inference config)",
@@ -121,6 +135,9 @@ def add_workflow_commands(sub) -> None:
     p.add_argument("--nproc", type=int, default=1, help="processes that share the subjects (torchrun; gloo on CPU)")
     _guided_flag(p, "healthy counterfactuals by classifier-free guidance from a --guided model (weakly "
                     "supervised; workflow inference_guided; --guidance-scale, --t-start, --ddim-steps)")
+    _guided_flag(p, "healthy counterfactuals guided by the classifier of a --classifier-guided training (weakly "
+                    "supervised; workflow inference_classifier_guided; --guidance-scale, --t-start, --ddim-steps)",
+                 "--classifier-guided")
 
     _bundle_command(sub, "evaluate", "evaluate",
                     "metrics.json, per-subject CSV, report.png from saved maps (evaluate config)",

@@ -16,6 +16,7 @@ from functools import partial
 
 import torch
 
+from pipeline.common import GUIDED
 from pipeline.errors import InputError
 from pipeline.model.guided_train import HEALTHY, NULL, labels_like
 from pipeline.model.noise import NoiseGenerator
@@ -24,7 +25,8 @@ from pipeline.scoring.settings import ScoreSettings
 
 
 @torch.inference_mode()
-def ddim_invert(model, x0: torch.Tensor, t_start: int, steps: int, scheduler, labels: torch.Tensor) -> torch.Tensor:
+def ddim_invert(model, x0: torch.Tensor, t_start: int, steps: int, scheduler,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic DDIM inversion (eta = 0): encode clean slices up to ``t_start`` in ``steps`` calls.
 
     Hand-written: ``DDIMScheduler.reversed_step`` strides over the whole schedule, not up to ``t_L``.
@@ -32,11 +34,13 @@ def ddim_invert(model, x0: torch.Tensor, t_start: int, steps: int, scheduler, la
     predicts (x0, eps) at the current level and re-noises them to the next one. The network is
     evaluated at the level it comes from (step 0 for the clean input, whose x0 is known exactly), so
     decoding returns the input up to the change of eps between neighbouring levels, which shrinks
-    with the step size (exact for a model that knows x0).
+    with the step size (exact for a model that knows x0). ``labels``: the class labels of a class-conditional
+    model (the null class for classifier-free guidance); None for an unconditional one.
     """
+    condition = {} if labels is None else {"class_labels": labels}
     x, t_prev = x0, 0
     for i, t in enumerate(reversed(ddim_timesteps(t_start, steps))):
-        x0_hat, eps_hat = predict_x0_eps(scheduler, model(x, timesteps_like(t_prev, x), class_labels=labels), x, t_prev)
+        x0_hat, eps_hat = predict_x0_eps(scheduler, model(x, timesteps_like(t_prev, x), **condition), x, t_prev)
         if i == 0:
             x0_hat = x0  # the input is clean, not x at step 0: keep it, only eps is predicted
         abar = float(scheduler.alphas_cumprod[t])
@@ -65,19 +69,23 @@ def guided_ddim_decode(model, x_t: torch.Tensor, t_start: int, steps: int, sched
     return _ddim_from(guided, x_t, ddim_timesteps(t_start, steps), scheduler)
 
 
+def check_invertible(scheduler, sampler: str, workflow: str) -> None:
+    """Refuse an x0-predicting model: its implied eps, (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar), amplifies its
+    error by up to 1/sqrt(1 - abar_0) = 100 near the clean end, and DDIM inversion does not come back."""
+    if scheduler.prediction_type == "sample":
+        raise InputError("prediction_type", f"the {sampler} sampler needs a model trained to predict epsilon or v "
+                                            "(DDIM inversion of an x0-predicting model does not return the input); "
+                                            f"train with the {workflow} workflow (prediction_type: epsilon)")
+
+
 @torch.inference_mode()
 def guided_reconstruct(model: Model, x0: torch.Tensor, t_start: int, scheduler, noise_generator: NoiseGenerator,
                        settings: ScoreSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """Healthy counterfactual (Sanchez et al. 2022): DDIM inversion with the null condition, then
     DDIM decoding guided towards healthy, ``settings.ddim_steps`` calls each way with guidance scale
     ``settings.guidance_scale``. The samplers' common signature; deterministic: no noise is drawn.
-
-    An x0-predicting model is refused: its implied eps, (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar), amplifies
-    its error by up to 1/sqrt(1 - abar_0) = 100 near the clean end, and the inversion does not come back.
+    An x0-predicting model is refused (:func:`check_invertible`).
     """
-    if scheduler.prediction_type == "sample":
-        raise InputError("prediction_type", "the guided sampler needs a model trained to predict epsilon or v "
-                                            "(DDIM inversion of an x0-predicting model does not return the input); "
-                                            "train with the train_guided workflow (prediction_type: epsilon)")
+    check_invertible(scheduler, GUIDED, "train_guided")
     latent = ddim_invert(model, x0, t_start, settings.ddim_steps, scheduler, labels_like(NULL, x0))
     return guided_ddim_decode(model, latent, t_start, settings.ddim_steps, scheduler, settings.guidance_scale)

@@ -4,7 +4,7 @@ A slice is noised to step ``t_L`` and denoised back to 0 by a model trained only
 slices; what the model cannot reproduce (a tumour it "heals") shows up in ``|x - reconstruction|``.
 
 * Samplers live in :mod:`pipeline.scoring.samplers` (one plain function each, one signature; the guided
-  one in :mod:`pipeline.scoring.guided`) and are looked up by name in :data:`SAMPLERS`; residual
+  ones in :mod:`pipeline.scoring.guided` and :mod:`pipeline.scoring.classifier_guided`) and are looked up by name in :data:`SAMPLERS`; residual
   post-processing lives in :mod:`pipeline.scoring.postprocess`, the files written in :mod:`pipeline.scoring.maps`.
   This module runs them over subjects.
 * All settings of how a map is made are one :class:`pipeline.scoring.settings.ScoreSettings` (the bundle builds it); what a
@@ -31,13 +31,14 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_dir
-from pipeline.common import BASELINE, GUIDED, SECTIONS  # BASELINE: FLAIR intensity (Meissen et al. 2021), no model
+from pipeline.common import BASELINE, CLASSIFIER_GUIDED, GUIDED, SECTIONS  # BASELINE: FLAIR intensity (Meissen et al. 2021), no model
 from pipeline.data.dataset import PreprocessConfig, load_subjects
 from pipeline.data.slice_cache import SliceDataset
 from pipeline.data.transforms import preprocess_transforms
 from pipeline.errors import InputError
 from pipeline.model.checkpoint import load_checkpoint, load_state, rank_and_world
 from pipeline.model.noise import NoiseGenerator
+from pipeline.scoring.classifier_guided import classifier_guided_reconstruct
 from pipeline.scoring.guided import guided_reconstruct
 from pipeline.scoring.maps import (SubjectScore, axial_slices, invert_to_original, merge_shards, preprocess_subject,
                                    save_subject, to_volume, write_index)
@@ -50,7 +51,7 @@ from pipeline.scoring.settings import AUTO_BATCH, ScoreSettings
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "x0": x0_reconstruct, "ddim": ddim_reconstruct, "ddpm": ddpm_reconstruct, "patched": patched_reconstruct,
-    GUIDED: guided_reconstruct}
+    GUIDED: guided_reconstruct, CLASSIFIER_GUIDED: classifier_guided_reconstruct}
 """Sampler name -> function, all with the signature ``fn(model, x0, t_start, scheduler, noise_generator,
 settings, generator=None)`` (:mod:`pipeline.scoring.samplers`). Kept here rather than in samplers.py: the guided sampler builds on samplers.py, so only a
 module that imports both can list them all without an import cycle or a lazy import."""

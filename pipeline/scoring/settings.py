@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.common import BASELINE, GUIDED
+from pipeline.common import BASELINE, CLASSIFIER_GUIDED, GUIDED
 from pipeline.errors import InputError
 
-SUPERVISION = {GUIDED: "weak slice labels"}  # every other sampler: "unsupervised"
-SAMPLER_NAMES = ("x0", "ddim", "ddpm", "patched", GUIDED, BASELINE)
+SUPERVISION = {GUIDED: "weak slice labels", CLASSIFIER_GUIDED: "weak slice labels"}  # every other sampler: "unsupervised"
+SAMPLER_NAMES = ("x0", "ddim", "ddpm", "patched", GUIDED, CLASSIFIER_GUIDED, BASELINE)
 """What ``sampler`` may name: the registry :data:`pipeline.scoring.score.SAMPLERS` plus the model-free baseline
 (named here, not derived from the registry, so that every scoring module can read the settings without importing
 the samplers; a test checks the two agree)."""
@@ -39,7 +39,9 @@ class ScoreSettings:
     ``sampler``: ``x0`` (the fast sampler: one call, the model's x0 prediction from x_t),
     ``ddim`` (``ddim_steps`` calls; 1 computes the same as ``x0``), ``guided`` (counterfactual of a
     class-conditional model: DDIM inversion to ``t_start`` and decoding guided towards healthy with
-    scale ``guidance_scale``, ``ddim_steps`` calls each way; trained with slice labels),
+    scale ``guidance_scale``, ``ddim_steps`` calls each way; trained with slice labels), ``classifier_guided``
+    (the same with an unconditional model whose eps is shifted by a noisy classifier's gradient towards healthy,
+    scale ``guidance_scale``; the classifier trained with slice labels),
     ``ddpm`` (AnoDDPM, every step), ``patched`` (pDDPM: one ``patch_size`` patch noised at a time,
     DDIM in ``ddim_steps`` calls) or ``flair`` (the baseline: map = FLAIR intensity, no model).
     ``t_start``: one noise level or several (a t_L ensemble: residuals averaged over levels and
