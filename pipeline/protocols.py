@@ -23,7 +23,7 @@ import yaml
 
 from pipeline.atomic import write_json
 from pipeline.bundle import check_plain_settings, run_bundle
-from pipeline.common import BASELINE, GUIDED, read_json
+from pipeline.common import BASELINE, CLASSIFIER_GUIDED, GUIDED, read_json
 from pipeline.data.dataset import dataset_fingerprint, task_paths
 from pipeline.errors import InputError
 from pipeline.layout import project_file
@@ -145,6 +145,8 @@ def is_baseline(entry: dict) -> bool:
 def entry_workflows(entry: dict) -> tuple[str, str]:
     """(train, inference) bundle workflows of an entry: guided counterfactuals have their own overlays
     (a class-conditional UNet trained with slice labels, scored by DDIM inversion and guided decoding)."""
+    if entry.get("sampler") == CLASSIFIER_GUIDED:  # the plain model, then a noisy-slice classifier beside it
+        return "train_classifier_guided", "inference_classifier_guided"
     return ("train_guided", "inference_guided") if entry.get("sampler") == GUIDED else ("train", "inference")
 
 
