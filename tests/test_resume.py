@@ -88,9 +88,10 @@ for i, run in enumerate(plan["runs"]):  # runs after a crash reuse the process g
 
 
 def settings(dataset: Path, out: Path, shared: Path, **extra) -> dict:
-    """A run of a few seconds: 16x16 FLAIR slices, a small UNet, batch 4, mid-epoch checkpoints every 5 steps."""
+    """A run of a few seconds: 16x16 FLAIR slices, a small UNet, batch 4, mid-epoch checkpoints every 5 steps.
+    The random split: the checkpoint iterations below were worked out on its training slices."""
     values = dict(dataset_dir=str(dataset), output_dir=str(out), ckpt_dir=str(out / "models"),
-                  split_file=str(shared / "split.json"), cache_dir=str(shared / "cache"),
+                  split_file=str(shared / "split.json"), cache_dir=str(shared / "cache"), split_method="random",
                   image_size=16, pixdim=[4.0, 4.0, 4.0], unet_channels=[8, 8, 8], attention_levels=[False, False, False],
                   norm_num_groups=8, num_head_channels=8, modalities=["FLAIR"], prediction_type="epsilon",
                   batch_size=4, epochs=2, train_steps=STEPS, lr_warmup_steps=5, ema_decay=0.9,
