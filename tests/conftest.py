@@ -29,3 +29,16 @@ def dataset_copy(synth_root, tmp_path) -> Path:
     dst = tmp_path / "data"
     shutil.copytree(synth_root, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module whose tests compare floating-point results exactly (thread count changes
+    the order of reductions)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -26,12 +26,7 @@ from pipeline.scoring.score import SAMPLERS
 from pipeline.scoring.settings import ScoreSettings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random(net: torch.nn.Module, seed: int) -> torch.nn.Module:

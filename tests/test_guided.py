@@ -29,12 +29,7 @@ from pipeline.scoring.settings import SAMPLER_NAMES, ScoreSettings
 PREPROCESS = PreprocessConfig(image_size=32, pixdim=(4.0, 4.0, 4.0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _slices(n=2, size=16, seed=0) -> torch.Tensor:
