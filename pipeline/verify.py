@@ -66,8 +66,9 @@ def _check_weights(run: dict, model_dir: Path) -> None:
     path = model_dir / run["model"].get("file", "model.pt")
     if not path.is_file():
         raise InputError(path, "the run's weights are gone; nothing to re-run")
-    if sha256_file(path) != recorded:
-        raise InputError(path, f"weights changed since the run (sha256 {sha256_file(path)[:12]} != recorded "
+    current = sha256_file(path)
+    if current != recorded:
+        raise InputError(path, f"weights changed since the run (sha256 {current[:12]} != recorded "
                                f"{recorded[:12]}): re-running them would verify other weights")
 
 

@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from test_leaderboard_integrity import cli_error
 
 from pipeline.cli import main
 from pipeline.common import check_schema
@@ -112,14 +113,6 @@ def _maps_copy(walked: Path, tmp_path: Path) -> Path:
     return maps
 
 
-def _one_line_error(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
-
-
 def _break_first_map(maps: Path, how: str) -> Path:
     first = sorted(maps.iterdir())[0]
     img = nib.load(first)
@@ -152,7 +145,7 @@ def test_a_faulty_map_folder_is_refused_in_one_line_and_nothing_is_written(walke
     broken = _break_first_map(maps, how)
     before = (walked / BOARD).read_bytes()
     run_dir = tmp_path / "run"
-    line = _one_line_error(capsys, ["leaderboard", "submit-maps", str(maps), "--protocol-id", PROTOCOL, "--method",
+    line = cli_error(capsys, ["leaderboard", "submit-maps", str(maps), "--protocol-id", PROTOCOL, "--method",
                                     "broken", "--supervision", "unsupervised", "--ground-truth",
                                     str(walked / "organiser" / "gt"), "--leaderboard", str(walked / BOARD),
                                     "--run-dir", str(run_dir), "--quiet"])
@@ -168,7 +161,7 @@ def test_a_faulty_map_folder_is_refused_in_one_line_and_nothing_is_written(walke
 def test_bad_submission_details_are_refused_before_any_map_is_read(walked, tmp_path, capsys, flag, value, says):
     argv = {"--supervision": "unsupervised", "--method": "ok-name"}
     argv[flag] = value
-    line = _one_line_error(capsys, ["leaderboard", "submit-maps", str(tmp_path / "nowhere"), "--protocol-id", PROTOCOL,
+    line = cli_error(capsys, ["leaderboard", "submit-maps", str(tmp_path / "nowhere"), "--protocol-id", PROTOCOL,
                                     *[x for k, v in argv.items() for x in (k, v)],
                                     "--leaderboard", str(walked / BOARD), "--quiet"])
     assert says in line
@@ -176,7 +169,7 @@ def test_bad_submission_details_are_refused_before_any_map_is_read(walked, tmp_p
 
 def test_hidden_labels_are_required_for_external_maps_of_a_hidden_protocol(walked, tmp_path, capsys):
     maps = _maps_copy(walked, tmp_path)
-    line = _one_line_error(capsys, ["leaderboard", "submit-maps", str(maps), "--protocol-id", PROTOCOL, "--method",
+    line = cli_error(capsys, ["leaderboard", "submit-maps", str(maps), "--protocol-id", PROTOCOL, "--method",
                                     "no-truth", "--supervision", "unsupervised", "--leaderboard", str(walked / BOARD),
                                     "--run-dir", str(tmp_path / "run"), "--quiet"])
     assert "hidden" in line and not (tmp_path / "run").exists()
@@ -208,12 +201,12 @@ def test_verify_says_not_reproduced_when_the_maps_were_not_the_recorded_runs(wal
 
 def test_verify_refuses_external_rows(walked, capsys):
     row_id = _table(walked).set_index("method").loc["t2-only", "row_id"]
-    line = _one_line_error(capsys, ["leaderboard", "verify", row_id, "--leaderboard", str(walked / BOARD), "--quiet"])
+    line = cli_error(capsys, ["leaderboard", "verify", row_id, "--leaderboard", str(walked / BOARD), "--quiet"])
     assert "external maps" in line
 
 
 def test_maps_for_a_protocol_the_leaderboard_does_not_hold_are_refused(walked, tmp_path, capsys):
-    line = _one_line_error(capsys, ["leaderboard", "submit-maps", str(_maps_copy(walked, tmp_path)), "--protocol-id",
+    line = cli_error(capsys, ["leaderboard", "submit-maps", str(_maps_copy(walked, tmp_path)), "--protocol-id",
                                     "public-demo-v2", "--method", "x", "--supervision", "unsupervised",
                                     "--leaderboard", str(walked / BOARD), "--run-dir", str(tmp_path / "run"), "--quiet"])
     assert "'public-demo-v2' is not registered" in line and not (tmp_path / "run").exists()

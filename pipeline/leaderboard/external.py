@@ -135,17 +135,17 @@ def submit_maps(maps_dir, csv_path, protocol_id: str, method: str, supervision: 
     """Check, assemble and submit ``maps_dir`` as a row of ``protocol_id`` (registered on ``csv_path``); returns
     the row. ``run_dir``: where the run folder goes (default ``<leaderboard folder>/submissions/<protocol>/
     <method>-<8 hex>``). ``ground_truth_dir``: the organiser's hidden test labels, for such a protocol."""
-    from pipeline.data.dataset import load_subjects
     from pipeline.evaluation.evaluate import evaluate_scores
+    from pipeline.leaderboard.kit import registered_items
     from pipeline.leaderboard.submission import append_row, submission_row
 
     check_name(protocol_id, "--protocol-id", "protocol id")
     details = _checked_details(method, supervision, description, code_url)
     record = bound_protocol(csv_path, protocol_id)
     maps = expected_maps(Path(maps_dir), record)
-    images = {item["subject"]: Path(item["image"]) for item in load_subjects(record["dataset_dir"]).data}
+    items = registered_items(record)
     for subject, (_, path) in maps.items():
-        check_map(path, images[subject])
+        check_map(path, Path(items[subject]["image"]))
     bind_ground_truth(csv_path, protocol_id, ground_truth_dir, write=False)  # fail before any work
     final = Path(run_dir) if run_dir else (Path(csv_path).resolve().parent / "submissions" / protocol_id
                                            / f"{method}-{uuid.uuid4().hex[:8]}")

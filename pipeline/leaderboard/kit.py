@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.common import check_schema
 from pipeline.errors import InputError
-from pipeline.leaderboard.registry import bound_protocol, check_name, hides_test_labels
+from pipeline.leaderboard.registry import bound_protocol, check_name, check_registered_data, hides_test_labels
 
 KIT_FORMAT = 1
 MANIFEST = "kit.json"
@@ -64,13 +64,11 @@ def _write_grid(path: Path, shape: list[int], affine: np.ndarray, header: nib.Ni
     nib.save(nib.Nifti1Image(np.zeros(shape, dtype=np.float32), affine, header), str(path))
 
 
-def _subject_items(record: dict) -> dict[str, dict]:
-    from pipeline.data.dataset import dataset_fingerprint, load_subjects
+def registered_items(record: dict) -> dict[str, dict]:
+    """``{subject: dataset item}`` of a registered protocol's dataset, refused if its content changed since."""
+    from pipeline.data.dataset import load_subjects
 
-    current = dataset_fingerprint(record["dataset_dir"])
-    if current != record["dataset_fingerprint"]:
-        raise InputError(record["dataset_dir"], f"dataset content changed since protocol {record['id']!r} was "
-                                                f"registered (fingerprint {current} != {record['dataset_fingerprint']})")
+    check_registered_data(record)
     return {item["subject"]: item for item in load_subjects(record["dataset_dir"]).data}
 
 
@@ -92,7 +90,7 @@ def write_kit(csv_path, protocol_id: str, out_dir) -> dict:
     ``out_dir`` (replaced whole); returns the manifest."""
     check_name(protocol_id, "--protocol-id", "protocol id")
     record = bound_protocol(csv_path, protocol_id)
-    items = _subject_items(record)
+    items = registered_items(record)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         for folder in ("images", "labels", "grids"):

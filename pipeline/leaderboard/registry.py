@@ -253,19 +253,26 @@ def hides_test_labels(record) -> bool:
     return isinstance(record, dict) and record.get("ground_truth") not in (None, DATASET_LABELS)
 
 
+def check_registered_data(record: dict) -> str:
+    """The registered dataset's fingerprint, refused if its content changed since the protocol was bound."""
+    from pipeline.data.dataset import dataset_fingerprint
+
+    current = dataset_fingerprint(record["dataset_dir"])
+    if current != record["dataset_fingerprint"]:
+        raise InputError(record["dataset_dir"], f"dataset content changed since protocol {record['id']!r} was "
+                                                f"registered (fingerprint {current} != {record['dataset_fingerprint']})")
+    return current
+
+
 def check_provenance(run: dict, run_json: Path, run_dir: Path, record: dict) -> None:
     """Refuse a run made under another protocol, on other data, another split or other subjects."""
-    from pipeline.data.dataset import dataset_fingerprint
     from pipeline.evaluation.evaluate import checked_index
 
     for key in ("id", "hash"):
         if field(run, f"protocol.{key}", run_json) != record[key]:
             raise InputError(run_json, f"protocol {key} {run['protocol'][key]!r} differs from the registered "
                                        f"protocol's {record[key]!r}; rerun under this protocol")
-    current = dataset_fingerprint(record["dataset_dir"])
-    if current != record["dataset_fingerprint"]:
-        raise InputError(record["dataset_dir"], f"dataset content changed since protocol {record['id']!r} was "
-                                                f"registered (fingerprint {current} != {record['dataset_fingerprint']})")
+    current = check_registered_data(record)
     if field(run, "dataset.fingerprint", run_json) != current:
         raise InputError(run_json, f"dataset fingerprint {run['dataset']['fingerprint']!r} differs from "
                                    f"{current!r} of {record['dataset_dir']} (other or changed data)")

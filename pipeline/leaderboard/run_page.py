@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from pipeline.common import is_real
+from pipeline.leaderboard.ranking import self_reported
 from pipeline.leaderboard.run_files import file_problem, read_run_file, read_run_json, refused_files
 from pipeline.leaderboard.webpage import esc, facts, href, html_page, html_table, missing, num, sort_key, td
 
@@ -204,7 +205,7 @@ def _summary(row, metric: str) -> list[tuple[str, str]]:
 
 
 def _self_reported(row, column: str) -> str:
-    return " (self-reported, not recomputed)" if column in str(row.get("self_reported") or "").split() else ""
+    return " (self-reported, not recomputed)" if self_reported(row, column) else ""
 
 
 def _environment(row, env: dict) -> str:
